@@ -1,0 +1,1 @@
+"""cloudcore: CloudHub, EdgeController, DeviceController and the embedded control plane."""

@@ -1,0 +1,5 @@
+import sys
+
+from cloudcore.cli import main
+
+sys.exit(main())

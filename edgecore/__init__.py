@@ -1,0 +1,1 @@
+"""edgecore: EdgeHub, MetaManager, MetaServer, Edged, DeviceTwin, EventBus and ServiceBus."""

@@ -1,0 +1,1 @@
+"""meshd: the EdgeMesh-style traffic plane — STUN service, NAT discovery, and (later) tunnels."""

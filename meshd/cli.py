@@ -1,0 +1,168 @@
+"""The `meshd` command: `netcheck`, `server`, `config` (reference: docs/reference/meshd.md)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import ipaddress
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+from dataclasses import replace
+
+from edgeweave import __version__
+from edgeweave.cli import UserError, add_common, base_parser, run
+from edgeweave.config import dump_yaml, load_config
+from edgeweave.log import event
+from meshd.config import MeshdConfig, StunConfig
+from meshd.netcheck.classify import NetcheckReport
+from meshd.netcheck.machine import NetcheckFailed
+from meshd.netcheck.report import render_text, to_json
+from meshd.netcheck.runner import resolve_server, run_netcheck
+from meshd.stun.service import StunService
+from meshd.stun.transaction import RetransmitPolicy
+from meshd.udp import BindError
+
+log = logging.getLogger("meshd.stun")
+
+
+def _positive(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be positive: {text!r}")
+    return value
+
+
+def _port(text: str) -> int:
+    if not text.isdigit() or not 0 <= int(text) <= 65535:
+        raise argparse.ArgumentTypeError(f"expected a port 0..65535, got {text!r}")
+    return int(text)
+
+
+def _subcommand(
+    sub: argparse._SubParsersAction[argparse.ArgumentParser], name: str, text: str
+) -> argparse.ArgumentParser:
+    parser = sub.add_parser(name, help=text, description=text)
+    parser.add_argument("--version", action="version", version=f"meshd (edgeweave) {__version__}")
+    add_common(parser)
+    return parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The full argument parser (exposed for docs and tests)."""
+    parser = base_parser("meshd", "EdgeMesh-style traffic plane: STUN service and NAT discovery.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    netcheck = _subcommand(sub, "netcheck", "discover this host's NAT behaviour (RFC 5780)")
+    netcheck.add_argument("--server", metavar="HOST[:PORT]",
+                          help="STUN server with RFC 5780 support (default port 3478; "
+                               "config: netcheck.server)")
+    netcheck.add_argument("--bind", metavar="IP",
+                          help="local IP to probe from (default: route source towards server)")
+    netcheck.add_argument("--json", action="store_true", help="print one JSON object")
+    netcheck.add_argument("--timeout", type=_positive, metavar="SECONDS",
+                          help="seconds until a probe counts as unanswered (default 2.5; "
+                               "config: netcheck.giveUpS)")
+
+    server = _subcommand(sub, "server", "run the STUN service until SIGINT/SIGTERM")
+    server.add_argument("--stun-address", action="append", metavar="IP",
+                        help="listen IP; give twice for an RFC 5780 alternate IP "
+                             "(default 0.0.0.0; config: stun.addresses)")
+    server.add_argument("--stun-port", type=_port, metavar="PORT",
+                        help="primary port (default 3478; 0 = any; config: stun.port)")
+    server.add_argument("--stun-alt-port", type=_port, metavar="PORT",
+                        help="alternate port (default 3479; 0 = any; config: stun.altPort)")
+
+    _subcommand(sub, "config", "print the effective configuration as YAML")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Console entry point: `meshd ...`; returns the exit code."""
+    return run(_main, build_parser(), argv)
+
+
+def _main(args: argparse.Namespace) -> int:
+    config = load_config(MeshdConfig, args.config)
+    if args.command == "netcheck":
+        return _netcheck(args, config)
+    if args.command == "server":
+        return _server(args, config)
+    sys.stdout.write(dump_yaml(config))
+    return 0
+
+
+# --- netcheck ---------------------------------------------------------------------------------
+
+
+def _netcheck(args: argparse.Namespace, config: MeshdConfig) -> int:
+    server = args.server or config.netcheck.server
+    if not server:
+        raise UserError("no STUN server: give --server HOST[:PORT] or set netcheck.server")
+    bind = args.bind or config.netcheck.bind
+    if bind is not None:
+        try:
+            ipaddress.ip_address(bind)
+        except ValueError:
+            raise UserError(f"--bind: {bind!r} is not an IP address") from None
+    policy = config.netcheck.policy()
+    if args.timeout is not None:
+        policy = replace(policy, give_up_s=args.timeout)
+    try:
+        report = asyncio.run(_run_netcheck(server, bind, policy))
+    except (NetcheckFailed, BindError) as exc:
+        raise UserError(str(exc)) from None
+    print(to_json(report) if args.json else render_text(report))
+    return 0
+
+
+async def _run_netcheck(server: str, bind: str | None, policy: RetransmitPolicy) -> NetcheckReport:
+    address = await resolve_server(server)
+    return await run_netcheck(address, bind_ip=bind, policy=policy)
+
+
+# --- server -----------------------------------------------------------------------------------
+
+
+def _server(args: argparse.Namespace, config: MeshdConfig) -> int:
+    stun = config.stun
+    try:
+        stun = StunConfig(
+            addresses=tuple(args.stun_address) if args.stun_address else stun.addresses,
+            port=stun.port if args.stun_port is None else args.stun_port,
+            alt_port=stun.alt_port if args.stun_alt_port is None else args.stun_alt_port,
+            software=stun.software,
+        )
+    except ValueError as exc:
+        raise UserError(f"stun: {exc}") from None
+    asyncio.run(_serve(stun))
+    return 0
+
+
+async def _serve(stun: StunConfig) -> None:
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        service = await StunService.start(
+            stun.addresses[0],
+            alt_ip=stun.addresses[1] if len(stun.addresses) > 1 else None,
+            port=stun.port,
+            alt_port=stun.alt_port,
+            software=stun.software,
+        )
+    except BindError as exc:
+        raise UserError(str(exc)) from None
+    try:
+        await stop.wait()
+    finally:
+        service.close()
+        core = service.server
+        assert core is not None
+        event(log, logging.INFO, "stun.stop", requests=core.requests, responses=core.responses,
+              errors=core.errors, dropped=core.dropped)

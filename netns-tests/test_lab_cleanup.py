@@ -36,6 +36,20 @@ def lab_namespaces(owner: int) -> list[str]:
     return [n for n in ns.list_netns() if ns.owner_of(n) == owner]
 
 
+def forwarders_of(owner: int) -> list[int]:
+    """Delay forwarder processes serving namespaces of the lab owned by `owner`."""
+    found = []
+    prefix = f"{ns.PREFIX}{owner}-".encode()
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            argv = cmdline.read_bytes().split(b"\0")
+        except OSError:
+            continue  # the process ended while we looked
+        if b"netlab.delaylink" in argv and any(a.startswith(prefix) for a in argv):
+            found.append(int(cmdline.parent.name))
+    return found
+
+
 def big_topology(tmp_path: Path) -> Path:
     """Many namespaces and impaired links, so that a build takes long enough to interrupt."""
     hosts = "\n".join(f"  h{i}: {{segment: lan, pods: 3, link: {{delayMs: 1}}}}"
@@ -75,8 +89,7 @@ def test_kill_9_mid_build_then_next_run_cleans(tmp_path: Path) -> None:
         assert lab_namespaces(child.pid) == []
     assert lab_namespaces(os.getpid()) == []
     deadline = time.monotonic() + 5  # delay forwarders end with their parent (PDEATHSIG)
-    while any("netlab.delaylink" in p.read_text(errors="replace")
-              for p in Path("/proc").glob("[0-9]*/cmdline") if p.exists()):
+    while forwarders_of(child.pid):
         assert time.monotonic() < deadline, "a delay forwarder outlived its lab"
         time.sleep(0.05)
     assert root_state() == before

@@ -251,6 +251,10 @@ class WatchEvent:
     """Object name."""
     raw: str
     """The object as JSON text (for DELETED: its last state, at the deletion's revision)."""
+    old: str | None = None
+    """The object before this change as JSON text (None for a creation or an initial ADDED):
+    lets a server that reads events once and filters them in memory tell, per watcher, whether
+    the object matched its selectors before (see `events_since`)."""
 
     def object(self) -> Obj:
         """The object decoded."""
@@ -1249,7 +1253,7 @@ class _WatchQuery:
                         data = dumps(prev)
                 elif not new_ok:
                     continue
-            out.append(WatchEvent(type_, rev, resource, ns, name, data))
+            out.append(WatchEvent(type_, rev, resource, ns, name, data, old))
         return out
 
 

@@ -43,7 +43,7 @@ def test_print_config_and_bad_config(cmd: str, tmp_path: Path) -> None:
     assert f"{cmd}: error: {bad}: invalid YAML" in out.stderr
 
 
-@pytest.mark.parametrize("cmd", ["cloudcore", "edgecore"])
+@pytest.mark.parametrize("cmd", ["edgecore"])
 def test_running_says_what_is_missing(cmd: str) -> None:
     out = run(cmd)
     assert out.returncode == 2

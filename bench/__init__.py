@@ -1,0 +1,1 @@
+"""Benchmarks: edgeweave next to the programs an operator would otherwise run."""

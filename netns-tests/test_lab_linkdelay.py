@@ -55,15 +55,14 @@ def test_loss_rate_matches(make_lab: Callable[[Any], Lab]) -> None:
 
 def test_rate_limit(make_lab: Callable[[Any], Lab]) -> None:
     lab = make_lab(pair({"rateMbit": 50}))
-    server = lab.popen("b", ["iperf3", "-s", "-1", "-B", lab.addr("b")])
-    out = ""
-    for _ in range(50):
-        proc = lab.run("a", ["iperf3", "-c", lab.addr("b"), "-t", "2", "-J"], check=False)
-        out = proc.stdout
-        if proc.returncode == 0:
-            break
-        time.sleep(0.1)  # iperf3 -s is still starting
-    server.wait(timeout=10)
+    lab.popen("b", ["iperf3", "-s", "-1", "-B", lab.addr("b")])  # stopped at teardown
+    deadline = time.monotonic() + 30
+    while ":5201" not in lab.run("b", ["ss", "-Htln"]).stdout:
+        assert time.monotonic() < deadline, "iperf3 -s did not listen"
+        time.sleep(0.05)
+    proc = lab.run("a", ["iperf3", "-c", lab.addr("b"), "-t", "2", "-J"], check=False)
+    assert proc.returncode == 0, proc.stdout[-500:] + proc.stderr
+    out = proc.stdout
     mbps = json.loads(out)["end"]["sum_received"]["bits_per_second"] / 1e6
     print(f"tbf 50 Mbit/s: iperf3 measured {mbps:.1f} Mbit/s")
     assert 40 <= mbps <= 55

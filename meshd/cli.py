@@ -10,6 +10,7 @@ import signal
 import sys
 from collections.abc import Sequence
 from dataclasses import replace
+from pathlib import Path
 
 from edgeweave import __version__
 from edgeweave.cli import UserError, add_common, base_parser, run
@@ -77,6 +78,16 @@ def build_parser() -> argparse.ArgumentParser:
     server.add_argument("--stun-alt-port", type=_port, metavar="PORT",
                         help="alternate port (default 3479; 0 = any; config: stun.altPort)")
 
+    agent = _subcommand(sub, "agent", "run the node's service plane (DNS, proxy, rules) until "
+                        "SIGINT/SIGTERM")
+    agent.add_argument("--node", metavar="NAME", help="node name (default: host name; "
+                       "config: agent.nodeName)")
+    agent.add_argument("--kubeconfig", type=Path, metavar="FILE",
+                       help="API credentials (config: agent.kubeconfig)")
+    agent.add_argument("--server", metavar="URL",
+                       help="API URL without kubeconfig (default: MetaServer "
+                            "http://127.0.0.1:10550; config: agent.server)")
+
     _subcommand(sub, "config", "print the effective configuration as YAML")
     return parser
 
@@ -92,6 +103,8 @@ def _main(args: argparse.Namespace) -> int:
         return _netcheck(args, config)
     if args.command == "server":
         return _server(args, config)
+    if args.command == "agent":
+        return _agent(args, config)
     sys.stdout.write(dump_yaml(config))
     return 0
 
@@ -123,6 +136,46 @@ def _netcheck(args: argparse.Namespace, config: MeshdConfig) -> int:
 async def _run_netcheck(server: str, bind: str | None, policy: RetransmitPolicy) -> NetcheckReport:
     address = await resolve_server(server)
     return await run_netcheck(address, bind_ip=bind, policy=policy)
+
+
+# --- agent ----------------------------------------------------------------------------------
+
+
+def _agent(args: argparse.Namespace, config: MeshdConfig) -> int:
+    agent = replace(config.agent,
+                    node_name=args.node or config.agent.node_name,
+                    kubeconfig=args.kubeconfig or config.agent.kubeconfig,
+                    server=args.server or config.agent.server)
+    from meshd.agent import AgentError, service_plane  # imported here: netcheck stays light
+    from meshd.rules import RuleError
+
+    async def serve() -> None:
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        async with service_plane(agent, config.dns, config.proxy):
+            await stop.wait()
+
+    try:
+        with _event_loop(config.proxy.event_loop) as runner:
+            runner.run(serve())
+    except (AgentError, RuleError, BindError) as exc:
+        raise UserError(str(exc)) from None
+    except OSError as exc:
+        raise UserError(f"agent: {exc.strerror or exc}") from None
+    return 0
+
+
+def _event_loop(kind: str) -> asyncio.Runner:
+    """uvloop when configured and installed (the proxy's relay is faster on it)."""
+    if kind == "uvloop":
+        try:
+            import uvloop
+        except ImportError:
+            return asyncio.Runner()
+        return asyncio.Runner(loop_factory=uvloop.new_event_loop)
+    return asyncio.Runner()
 
 
 # --- server -----------------------------------------------------------------------------------

@@ -14,9 +14,13 @@
 from __future__ import annotations
 
 import ipaddress
+import socket
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from edgeweave.config import HostPort
+from meshd.dns.config import DnsConfig
+from meshd.proxy.config import ProxyConfig
 from meshd.stun.server import DEFAULT_SOFTWARE
 from meshd.stun.transaction import RetransmitPolicy
 
@@ -92,8 +96,29 @@ class NetcheckConfig:
 
 
 @dataclass(frozen=True)
+class AgentConfig:
+    """`agent:` — who this node is and where its API is."""
+
+    node_name: str = ""  # default: the host name
+    kubeconfig: Path | None = None  # the API with TLS credentials (cloud nodes, labs)
+    server: str = "http://127.0.0.1:10550"  # without kubeconfig: edgecore's MetaServer
+    interface: str = "edgeweave0"  # link-local interface that carries the DNS address
+
+    def node(self) -> str:
+        """The node name to serve as."""
+        return self.node_name or socket.gethostname()
+
+
+@dataclass(frozen=True)
 class MeshdConfig:
     """The whole meshd configuration file."""
+
+    agent: AgentConfig = field(default_factory=AgentConfig)
+    """`meshd agent`: node identity and API."""
+    dns: DnsConfig = field(default_factory=DnsConfig)
+    """The agent's cluster DNS (docs/reference/meshd-dns.md)."""
+    proxy: ProxyConfig = field(default_factory=ProxyConfig)
+    """The agent's proxy and iptables rules (docs/reference/meshd-proxy.md)."""
 
     stun: StunConfig = field(default_factory=StunConfig)
     """The STUN service (`meshd server`)."""

@@ -1,0 +1,112 @@
+"""`meshd agent`: the node's service plane — cluster DNS, the :40001 proxy and its iptables rules,
+all fed by one catalog source watching the API.
+
+Start order: the link-local interface that carries the DNS address (this kernel has no dummy
+module, so it is a bridge with no ports, as EdgeMesh's `edgemesh0`), DNS, the proxy, the
+rules (only once the proxy listens, so redirected traffic always finds it), then the source; each
+new catalog goes to DNS, proxy and rules in that order. Stop order is the reverse, and removes
+the rules and the interface: an agent that stops leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import subprocess
+from collections.abc import AsyncIterator, Iterator
+
+from edgeweave.kube.client import KubeClient
+from edgeweave.log import event
+from meshd.catalog import Catalog
+from meshd.config import AgentConfig
+from meshd.dns.config import DnsConfig
+from meshd.dns.core import DnsCore
+from meshd.dns.resolvconf import default_upstreams
+from meshd.dns.server import DnsClient, DnsServer
+from meshd.proxy.config import ProxyConfig
+from meshd.proxy.server import Proxy
+from meshd.rules import IptablesBackend, RuleError, RuleManager, detect_variant
+from meshd.source import CatalogSource
+
+log = logging.getLogger("meshd.agent")
+
+
+class AgentError(Exception):
+    """The agent cannot start (interface, ports, rules); the message names what failed."""
+
+
+def _ip(*args: str) -> None:
+    proc = subprocess.run(["ip", *args], capture_output=True, text=True, timeout=10,
+                          check=False)
+    if proc.returncode != 0:
+        raise AgentError(f"ip {' '.join(args)}: {proc.stderr.strip()}")
+
+
+@contextlib.contextmanager
+def link_local(interface: str, address: str) -> Iterator[None]:
+    """A port-less bridge holding `address`/32 while the agent runs."""
+    exists = subprocess.run(["ip", "link", "show", "dev", interface], capture_output=True,
+                            check=False).returncode == 0
+    if not exists:
+        _ip("link", "add", "name", interface, "type", "bridge")
+    try:
+        _ip("addr", "replace", f"{address}/32", "dev", interface)
+        _ip("link", "set", "dev", interface, "up")
+        yield
+    finally:
+        subprocess.run(["ip", "link", "del", "dev", interface], capture_output=True, check=False)
+
+
+@contextlib.asynccontextmanager
+async def service_plane(config: AgentConfig, dns_config: DnsConfig,
+                        proxy_config: ProxyConfig) -> AsyncIterator[CatalogSource]:
+    """Run DNS, proxy, rules and the catalog source until the context exits."""
+    node = config.node()
+    client = (KubeClient.from_kubeconfig(config.kubeconfig) if config.kubeconfig
+              else KubeClient(config.server))
+    with link_local(config.interface, dns_config.address):
+        core: DnsCore[DnsClient] = DnsCore(dns_config, upstreams=default_upstreams(dns_config))
+        dns = await DnsServer.start(core, dns_config.address, dns_config.port)
+        proxy = Proxy(proxy_config, Catalog.empty(node))
+        rules: RuleManager | None = None
+        source: CatalogSource | None = None
+        pending: set[asyncio.Task[None]] = set()
+        try:
+            await proxy.start()
+            variant = proxy_config.rules.backend
+            rules = RuleManager(IptablesBackend(detect_variant() if variant == "auto"
+                                                else variant),
+                                proxy_config.rules, proxy_port=proxy.address[1])
+            lock = asyncio.Lock()
+
+            async def sync(catalog: Catalog) -> None:
+                async with lock:  # one iptables-restore at a time, newest catalog last
+                    assert rules is not None
+                    try:
+                        await asyncio.to_thread(rules.sync, catalog)
+                    except RuleError as exc:
+                        event(log, logging.ERROR, "rules.sync_failed", node=node, error=exc)
+
+            def publish(catalog: Catalog) -> None:
+                core.set_catalog(catalog)
+                proxy.set_catalog(catalog)
+                task = asyncio.get_running_loop().create_task(sync(catalog))
+                pending.add(task)
+                task.add_done_callback(pending.discard)
+
+            source = CatalogSource(client, node, [publish])
+            await source.start()
+            event(log, logging.INFO, "agent.ready", node=node, dns=dns_config.address,
+                  proxy_port=proxy.address[1], rules=rules.backend.name)
+            yield source
+        finally:
+            if source is not None:
+                await source.stop()
+            await asyncio.gather(*pending, return_exceptions=True)  # no sync after removal
+            if rules is not None:
+                with contextlib.suppress(RuleError):
+                    await asyncio.to_thread(rules.remove)
+            await proxy.stop()
+            dns.close()
+            await client.close()

@@ -15,7 +15,11 @@ import contextlib
 import logging
 import subprocess
 from collections.abc import AsyncIterator, Iterator
+from typing import Any
 
+from aiohttp import web
+
+from edgeweave.config import HostPort
 from edgeweave.kube.client import KubeClient
 from edgeweave.log import event
 from meshd.catalog import Catalog
@@ -28,6 +32,7 @@ from meshd.proxy.config import ProxyConfig
 from meshd.proxy.server import Proxy
 from meshd.rules import IptablesBackend, RuleError, RuleManager, detect_variant
 from meshd.source import CatalogSource
+from meshd.status import prometheus_samples, status_app, status_document
 
 log = logging.getLogger("meshd.agent")
 
@@ -72,6 +77,7 @@ async def service_plane(config: AgentConfig, dns_config: DnsConfig,
         rules: RuleManager | None = None
         source: CatalogSource | None = None
         pending: set[asyncio.Task[None]] = set()
+        status_runner: web.AppRunner | None = None
         try:
             await proxy.start()
             variant = proxy_config.rules.backend
@@ -97,10 +103,15 @@ async def service_plane(config: AgentConfig, dns_config: DnsConfig,
 
             source = CatalogSource(client, node, [publish])
             await source.start()
+            if config.status_address:
+                status_runner = await _serve_status(config.status_address, source, rules, proxy,
+                                                    core)
             event(log, logging.INFO, "agent.ready", node=node, dns=dns_config.address,
                   proxy_port=proxy.address[1], rules=rules.backend.name)
             yield source
         finally:
+            if status_runner is not None:
+                await status_runner.cleanup()
             if source is not None:
                 await source.stop()
             await asyncio.gather(*pending, return_exceptions=True)  # no sync after removal
@@ -110,3 +121,39 @@ async def service_plane(config: AgentConfig, dns_config: DnsConfig,
             await proxy.stop()
             dns.close()
             await client.close()
+
+
+async def _serve_status(address: str, source: CatalogSource, rules: RuleManager, proxy: Proxy,
+                        core: DnsCore[DnsClient]) -> web.AppRunner:
+    """`/status` and `/metrics` on `address` (loopback by default)."""
+    try:
+        where = HostPort.parse(address)
+    except ValueError as exc:
+        raise AgentError(f"agent.statusAddress: {exc}") from None
+
+    async def rules_in_place() -> bool:
+        try:
+            return await asyncio.to_thread(rules.installed, source.catalog)
+        except RuleError:
+            return False
+
+    async def status() -> dict[str, Any]:
+        return status_document(source.catalog, await rules_in_place())
+
+    async def metrics() -> str:
+        own: list[tuple[str, dict[str, str], int]] = [
+            ("meshd_catalog_builds_total", {}, source.builds),
+            ("meshd_catalog_services", {}, len(source.catalog.services)),
+            ("meshd_rules_in_place", {}, int(await rules_in_place())),
+        ]
+        return (proxy.metrics.render(prefix="meshd_proxy")
+                + prometheus_samples(core.stats.samples() + own))
+
+    runner = web.AppRunner(status_app(status, metrics), access_log=None)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, where.host, where.port).start()
+    except OSError as exc:
+        await runner.cleanup()
+        raise AgentError(f"agent.statusAddress {address}: {exc.strerror or exc}") from None
+    return runner

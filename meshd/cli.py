@@ -88,6 +88,12 @@ def build_parser() -> argparse.ArgumentParser:
                        help="API URL without kubeconfig (default: MetaServer "
                             "http://127.0.0.1:10550; config: agent.server)")
 
+    status = _subcommand(sub, "status", "show what the local agent serves: services, "
+                         "endpoints, policies, rules")
+    status.add_argument("--address", metavar="HOST:PORT",
+                        help="the agent's status address (config: agent.statusAddress)")
+    status.add_argument("--json", action="store_true", help="print the JSON document")
+
     _subcommand(sub, "config", "print the effective configuration as YAML")
     return parser
 
@@ -105,6 +111,8 @@ def _main(args: argparse.Namespace) -> int:
         return _server(args, config)
     if args.command == "agent":
         return _agent(args, config)
+    if args.command == "status":
+        return _status(args, config)
     sys.stdout.write(dump_yaml(config))
     return 0
 
@@ -164,6 +172,25 @@ def _agent(args: argparse.Namespace, config: MeshdConfig) -> int:
         raise UserError(str(exc)) from None
     except OSError as exc:
         raise UserError(f"agent: {exc.strerror or exc}") from None
+    return 0
+
+
+def _status(args: argparse.Namespace, config: MeshdConfig) -> int:
+    import json
+    import urllib.error
+    import urllib.request
+
+    from meshd.status import render_status
+
+    address = args.address or config.agent.status_address
+    url = f"http://{address}/status"
+    try:
+        with urllib.request.urlopen(url, timeout=10) as resp:
+            doc = json.loads(resp.read())
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise UserError(f"no agent answers at {url}: {reason}") from None
+    print(json.dumps(doc, indent=2) if args.json else render_status(doc))
     return 0
 
 

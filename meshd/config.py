@@ -103,6 +103,7 @@ class AgentConfig:
     kubeconfig: Path | None = None  # the API with TLS credentials (cloud nodes, labs)
     server: str = "http://127.0.0.1:10550"  # without kubeconfig: edgecore's MetaServer
     interface: str = "edgeweave0"  # link-local interface that carries the DNS address
+    status_address: str = "127.0.0.1:40002"  # /status (meshd status) and /metrics; "" = off
 
     def node(self) -> str:
         """The node name to serve as."""

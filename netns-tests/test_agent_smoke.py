@@ -103,6 +103,20 @@ def test_agent_serves_dns_and_proxies(make_lab: Callable[[Any], Lab], tmp_path: 
     unknown = lab.run("node-p1", ["dig", "+time=1", "+tries=1", "@169.254.96.16",
                                   "nope.default.svc.cluster.local"], check=False).stdout
     assert "NXDOMAIN" in unknown
+    # What the operator sees.
+    status = json.loads(lab.run("node", [sys.executable, "-m", "meshd", "status", "--json"]).stdout)
+    web = next(s for s in status["services"] if s["service"] == "default/web")
+    assert status["rulesInPlace"] is True and status["node"] == "node"
+    assert web["clusterIPs"] == [cluster_ip]
+    assert web["endpoints"] == [{"ip": pod_ip, "node": "node", "ready": True}]
+    table = lab.run("node", [sys.executable, "-m", "meshd", "status"]).stdout
+    assert "iptables rules in place" in table and f"{pod_ip}@node" in table
+    metrics = lab.run("node", [sys.executable, "-c", "import urllib.request;print(urllib."
+                               "request.urlopen('http://127.0.0.1:40002/metrics').read().decode())"
+                               ]).stdout
+    assert 'meshd_proxy_connections_total{service="default/web"} 5' in metrics, metrics
+    assert "meshd_rules_in_place 1" in metrics
+    assert 'meshd_dns_responses_total{rcode="NXDOMAIN"}' in metrics
     agent.terminate()
     assert agent.wait(timeout=20) == 0, agent.communicate()[1][-3000:]
     assert "EDGEWEAVE" not in lab.run("node", ["iptables-save"]).stdout

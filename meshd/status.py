@@ -1,0 +1,87 @@
+"""What `meshd status` shows and what Prometheus scrapes, served by the agent on loopback.
+
+`GET /status` is a JSON document (services, their endpoints and policies, whether the iptables
+rules are in place), `GET /metrics` the Prometheus text of every counter (DNS, proxy, catalog
+builds, rules in place). `meshd status` fetches `/status` and prints it as a table.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiohttp import web
+
+from meshd.catalog import Catalog
+
+DEFAULT_STATUS_ADDRESS = "127.0.0.1:40002"
+
+
+def status_document(catalog: Catalog, rules_in_place: bool) -> dict[str, Any]:
+    """The `/status` document for `catalog`."""
+    services = []
+    for key in sorted(catalog.services):
+        svc = catalog.services[key]
+        services.append({
+            "service": key,
+            "clusterIPs": list(svc.cluster_ips),
+            "ports": [f"{p.port}/{p.protocol}" + (f" ({p.name})" if p.name else "")
+                      for p in svc.ports],
+            "policy": ("none (headless)" if svc.headless else
+                       "ClientIP affinity" if svc.session_affinity_timeout_s else svc.lb_policy),
+            "nodegroupClosed": svc.nodegroup_closed,
+            "proxied": svc.proxied,
+            "endpoints": [{"ip": e.ip, "node": e.node, "ready": e.ready} for e in svc.endpoints],
+        })
+    return {"node": catalog.node, "nodegroup": catalog.nodegroup, "revision": catalog.revision,
+            "rulesInPlace": rules_in_place, "services": services}
+
+
+def render_status(doc: dict[str, Any]) -> str:
+    """`meshd status` as text: a header line, then one row per Service."""
+    head = (f"node {doc['node']} (node group {doc['nodegroup'] or '-'}), catalog revision "
+            f"{doc['revision'] or '-'}, iptables rules "
+            f"{'in place' if doc['rulesInPlace'] else 'NOT in place'}")
+    rows = [("SERVICE", "CLUSTER-IP", "PORTS", "POLICY", "ENDPOINTS (ready/all)")]
+    for svc in doc["services"]:
+        ready = [e for e in svc["endpoints"] if e["ready"]]
+        policy = svc["policy"] + (", node-group closed" if svc["nodegroupClosed"] else "") + (
+            "" if svc["proxied"] else ", not proxied")
+        rows.append((svc["service"], ",".join(svc["clusterIPs"]) or "None",
+                     ",".join(svc["ports"]), policy,
+                     f"{len(ready)}/{len(svc['endpoints'])} "
+                     + " ".join(f"{e['ip']}@{e['node'] or '?'}" for e in ready)))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
+             for r in rows]
+    return "\n".join([head, *lines])
+
+
+def prometheus_samples(samples: list[tuple[str, dict[str, str], int]]) -> str:
+    """(name, labels, value) samples in the Prometheus text format."""
+    out = []
+    for name, labels, value in samples:
+        label_text = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
+        out.append(f"{name}{{{label_text}}} {value}" if label_text else f"{name} {value}")
+    return "\n".join(out) + "\n"
+
+
+def status_app(status: Callable[[], Awaitable[dict[str, Any]]],
+               metrics: Callable[[], Awaitable[str]]) -> web.Application:
+    """The agent's loopback HTTP endpoints."""
+    async def get_status(_: web.Request) -> web.Response:
+        return web.Response(text=json.dumps(await status()), content_type="application/json")
+
+    async def get_metrics(_: web.Request) -> web.Response:
+        return web.Response(text=await metrics(),
+                            headers={"Content-Type": "text/plain; version=0.0.4"})
+
+    async def healthz(_: web.Request) -> web.Response:
+        return web.Response(text="ok")
+
+    app = web.Application()
+    app.router.add_get("/status", get_status)
+    app.router.add_get("/metrics", get_metrics)
+    app.router.add_get("/healthz", healthz)
+    return app

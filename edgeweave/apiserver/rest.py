@@ -23,8 +23,8 @@ from edgeweave.kube.errors import (
     TooLargeResourceVersion,
     UnsupportedMediaType,
 )
-from edgeweave.kube.objects import Obj, Subresource
-from edgeweave.kube.patch import APPLY_PATCH, PATCH_TYPES, apply_patch
+from edgeweave.kube.objects import Obj, Subresource, patch_object
+from edgeweave.kube.patch import APPLY_PATCH, PATCH_TYPES
 from edgeweave.kube.resources import ResourceInfo
 from edgeweave.kube.store import Deleted, ListResult, Store
 from edgeweave.pki import Identity
@@ -239,17 +239,7 @@ class Rest:
 
         def mutate(current: Obj) -> Obj:
             old_rv[0] = current.get("metadata", {}).get("resourceVersion")
-            patched = apply_patch(
-                ctype, current, patch_doc, kind=res.kind, strategic=res.strategic_merge
-            )
-            meta = patched.get("metadata")
-            if not isinstance(meta, dict):
-                raise BadRequest("the patch removed metadata")
-            if meta.get("name") != name:
-                raise BadRequest(
-                    f"the name of the object ({meta.get('name')}) does not match the name on "
-                    f"the URL ({name})"
-                )
+            patched = patch_object(res, current, ctype, patch_doc, name)
             checked, found = check_fields(res, patched, opts.field_validation)
             warnings.extend(found)
             admitted = self._admit("UPDATE", res, sub, namespace, name, user, checked, current)

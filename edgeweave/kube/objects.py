@@ -29,6 +29,7 @@ from edgeweave.kube.errors import (
     conflict,
     invalid,
 )
+from edgeweave.kube.patch import apply_patch
 from edgeweave.kube.resources import ResourceInfo
 from edgeweave.kube.selectors import field_value, label_key_error, label_value_error
 
@@ -469,3 +470,20 @@ def selectable_values(res: ResourceInfo, obj: Mapping[str, Any]) -> str | None:
             continue
         values[path] = cur if isinstance(cur, str) else field_value(obj, path)
     return dumps(values) if values else None
+
+
+def patch_object(res: ResourceInfo, current: Obj, content_type: str, body: Any,
+                 name: str) -> Obj:
+    """`current` with a patch applied; BadRequest if the result lost its metadata or was
+    renamed (kube-apiserver refuses a patch that changes the name on the URL)."""
+    patched = apply_patch(content_type, current, body, kind=res.kind,
+                          strategic=res.strategic_merge)
+    meta = patched.get("metadata")
+    if not isinstance(meta, Mapping):
+        raise BadRequest("the patch removed metadata")
+    if meta.get("name") != name:
+        raise BadRequest(
+            f"the name of the object ({meta.get('name')}) does not match the name on "
+            f"the URL ({name})"
+        )
+    return patched

@@ -85,6 +85,7 @@ from edgeweave.kube.objects import (
     dumps,
     grace_period,
     mark_deleted,
+    patch_object,
     prepare_create,
     prepare_update,
     resolve_namespace,
@@ -767,17 +768,7 @@ class Store:
                     content_type, scale_of(res, current), body, kind="Scale"
                 )
                 return self._update_scale(res, name, ns, patched_scale)
-            patched = apply_patch(
-                content_type, current, body, kind=res.kind, strategic=res.strategic_merge
-            )
-            meta = patched.get("metadata")
-            if not isinstance(meta, Mapping):
-                raise BadRequest("the patch removed metadata")
-            if meta.get("name") != name:
-                raise BadRequest(
-                    f"the name of the object ({meta.get('name')}) does not match the name on "
-                    f"the URL ({name})"
-                )
+            patched = patch_object(res, current, content_type, body, name)
             new = prepare_update(res, current, patched, subresource=subresource)
             return self._store_update(res, row, current, new)
 

@@ -93,8 +93,9 @@ def test_agent_serves_dns_and_proxies(make_lab: Callable[[Any], Lab], tmp_path: 
                                   "web.default.svc.cluster.local"], check=False).stdout
         return out.strip()
 
-    wait(lambda: resolved() != "", "the Service's name resolving")
-    cluster_ip = resolved()
+    answers: list[str] = []
+    wait(lambda: answers.append(resolved()) or answers[-1] != "", "the Service's name resolving")
+    cluster_ip = answers[-1]
     assert cluster_ip.startswith("10.96."), cluster_ip
     fetch = ("import urllib.request,sys;"
              f"print(urllib.request.urlopen('http://{cluster_ip}/', timeout=5).read().decode())")

@@ -223,8 +223,8 @@ def test_dead_and_blackholed_backends_are_ejected_without_failed_clients(mesh: M
     assert result["errors"] == {}
     assert result["seen"] == {"node-p0": 60}
     metrics = mesh.metrics()
-    assert metrics['edgeweave_proxy_ejections{service="default/web"}'] == 2
-    assert metrics['edgeweave_proxy_dial_failures{service="default/web"}'] == 2
+    assert metrics['edgeweave_proxy_ejections_total{service="default/web"}'] == 2
+    assert metrics['edgeweave_proxy_dial_failures_total{service="default/web"}'] == 2
     assert "proxy.eject" in mesh.log.read_text()
 
 
@@ -268,8 +268,8 @@ def test_udp_sessions_expire(make_lab: Callable[[Any], Lab], tmp_path: Path) -> 
         time.sleep(1.2)
         metrics = mesh.metrics()
         assert metrics['edgeweave_proxy_udp_sessions_active{service="default/web"}'] == 0
-        assert metrics['edgeweave_proxy_udp_sessions_expired{service="default/web"}'] == 12
-        assert metrics['edgeweave_proxy_ejections{service="default/web"}'] == 2
+        assert metrics['edgeweave_proxy_udp_sessions_expired_total{service="default/web"}'] == 12
+        assert metrics['edgeweave_proxy_ejections_total{service="default/web"}'] == 2
     finally:
         proxy.terminate()
         proxy.wait(10)

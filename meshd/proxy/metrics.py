@@ -99,7 +99,9 @@ class ProxyMetrics:
         """Prometheus text exposition of every counter."""
         lines: list[str] = []
         for name, (kind, text) in _HELP.items():
-            metric = f"{prefix}_{name}"
+            # Counters end in _total (Prometheus naming conventions).
+            total = kind == "counter" and not name.endswith("_total")
+            metric = f"{prefix}_{name}_total" if total else f"{prefix}_{name}"
             lines += [f"# HELP {metric} {text}", f"# TYPE {metric} {kind}"]
             for key in sorted(self.services):
                 value = getattr(self.services[key], name)
@@ -107,7 +109,9 @@ class ProxyMetrics:
         for name in ("no_service", "not_redirected", "limited", "accept_errors",
                      "relay_errors", "udp_dropped", "udp_via_tproxy", "udp_via_bound",
                      "splice_fallbacks"):
-            metric = f"{prefix}_{name}_total"
+            # The global limit's counter must not share the per-Service `limited_total` name.
+            shown = "global_limit" if name == "limited" else name
+            metric = f"{prefix}_{shown}_total"
             lines += [f"# TYPE {metric} counter", f"{metric} {getattr(self, name)}"]
         return "\n".join(lines) + "\n"
 

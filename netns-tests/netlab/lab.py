@@ -205,6 +205,7 @@ class Lab:
         for name, host in topo.hosts.items():
             if host.pods:
                 self._pods(name)
+        self._pod_routes()
 
     def _attach(self, node: str, ifname: str, segment: str, addr: Addr, link: LinkSpec,
                 extra: Sequence[Addr] = ()) -> None:
@@ -304,10 +305,34 @@ class Lab:
             self._ip(pod, "route", "add", "default", "via", str(gw.ip))
             self.nodes[pod].addresses.append(("eth0", iface))
         self._sysctl(host, "net.ipv4.ip_forward", "1")
+        # Pod-to-pod traffic between hosts with podRoutes keeps its source address (as with
+        # flannel host-gw); everything else leaves masqueraded, as from Docker's bridge.
+        keep = [str(s) for s in self._routed_pod_subnets(host)]
+        exempt = f"ip daddr != {{ {', '.join(keep)} }} " if keep else ""
         script = (f"table ip ewlab {{\n  chain post {{\n"
                   f"    type nat hook postrouting priority srcnat; policy accept;\n"
-                  f'    ip saddr {subnet} oifname != "ewbr0" masquerade\n  }}\n}}\n')
+                  f'    ip saddr {subnet} {exempt}oifname != "ewbr0" masquerade\n  }}\n}}\n')
         self.run(host, ["nft", "-f", "-"], input=script)
+
+    def _routed_pod_subnets(self, host: str) -> list[ipaddress.IPv4Network]:
+        """Pod subnets of the other hosts on `host`'s segment, when that segment has podRoutes."""
+        topo = self.topology
+        segment = topo.hosts[host].segment
+        if not topo.segments[segment].pod_routes:
+            return []
+        return [h.pod_subnet for n, h in topo.hosts.items()
+                if n != host and h.segment == segment and h.pods]
+
+    def _pod_routes(self) -> None:
+        """Routes to the pod subnets of the other hosts on a podRoutes segment, via each host."""
+        topo = self.topology
+        for name, host in topo.hosts.items():
+            if not topo.segments[host.segment].pod_routes:
+                continue
+            for other, spec in topo.hosts.items():
+                if other != name and spec.segment == host.segment and spec.pods:
+                    self._ip(name, "route", "replace", str(spec.pod_subnet), "via",
+                             self.addr_on(other, host.segment))
 
 
 def signals_raise() -> None:

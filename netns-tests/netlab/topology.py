@@ -63,6 +63,7 @@ class SegmentSpec:
     """An L2 segment with its IPv4 subnet."""
 
     subnet: ipaddress.IPv4Network
+    pod_routes: bool = False  # hosts on it route to each other's pod subnets (host-gw style)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -193,6 +194,18 @@ class Topology:
                 if host.pod_subnet.num_addresses < host.pods + 4:
                     raise fail(f"hosts.{name}.podSubnet: {host.pod_subnet} is too small for "
                                f"{host.pods} pods")
+        for seg_name, segment in self.segments.items():
+            if not segment.pod_routes:
+                continue
+            routed: dict[ipaddress.IPv4Network, str] = {}
+            for name, host in self.hosts.items():
+                if host.segment != seg_name or not host.pods:
+                    continue
+                for other, owner in routed.items():
+                    if host.pod_subnet.overlaps(other):
+                        raise fail(f"hosts.{name}.podSubnet: {host.pod_subnet} overlaps {owner}'s"
+                                   f" on segment {seg_name!r}, which has podRoutes")
+                routed[host.pod_subnet] = name
 
     def gateway_of(self, segment: str) -> str | None:
         """The router whose LAN `segment` is, if any."""

@@ -496,7 +496,7 @@ def test_metrics_render_names_services() -> None:
 
     text = run(main())
     assert 'edgeweave_proxy_connections_total{service="default/web"} 1' in text
-    assert 'edgeweave_proxy_bytes_out{service="default/web"} 1' in text
+    assert 'edgeweave_proxy_bytes_out_total{service="default/web"} 1' in text
     assert "edgeweave_proxy_no_service_total 0" in text
 
 

@@ -88,6 +88,7 @@ class ServicePlane:
         self._labels = node_labels
         self.kubelet: subprocess.Popen[str] | None = None
         self._etc: list[Path] = []
+        self._cluster_ips: dict[str, str] = {}
 
     @classmethod
     @contextlib.contextmanager
@@ -262,7 +263,12 @@ class ServicePlane:
         return json.loads(self.kubectl("get", *args, "-o", "json").stdout)
 
     def cluster_ip(self, service: str, namespace: str = "default") -> str:
-        return str(self.get("service", service, "-n", namespace)["spec"]["clusterIP"])
+        """The Service's ClusterIP (remembered: it never changes, and the API may be down)."""
+        key = f"{namespace}/{service}"
+        if key not in self._cluster_ips:
+            self._cluster_ips[key] = str(
+                self.get("service", service, "-n", namespace)["spec"]["clusterIP"])
+        return self._cluster_ips[key]
 
     def kubectl(self, *args: str, input: str | None = None,
                 check: bool = True) -> subprocess.CompletedProcess[str]:

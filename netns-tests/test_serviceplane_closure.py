@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from serviceplane import ServicePlane, fetch_many, wait_for
+from netlab.serviceplane import ServicePlane, fetch_many, wait_for
 
 NODES = {n: {"kubernetes.io/hostname": n} for n in ("node1", "node2", "node3")}
 MANIFEST = """

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from serviceplane import DNS_IP, UPSTREAM_NAMES, ServicePlane, wait_for
+from netlab.serviceplane import DNS_IP, UPSTREAM_NAMES, ServicePlane, wait_for
 
 MANIFEST = """
 apiVersion: apps/v1

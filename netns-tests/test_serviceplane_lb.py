@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from serviceplane import EndpointWatch, ServicePlane, fetch_many, wait_for
+from netlab.serviceplane import EndpointWatch, ServicePlane, fetch_many, wait_for
 
 MANIFEST = """
 apiVersion: apps/v1

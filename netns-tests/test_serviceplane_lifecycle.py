@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from serviceplane import DNS_IP, ServicePlane, fetch_many, wait_for
+from netlab.serviceplane import DNS_IP, ServicePlane, fetch_many, wait_for
 
 MANIFEST = """
 apiVersion: apps/v1

@@ -1,9 +1,9 @@
 """The service-plane lab: cloudcore's embedded API, nodes running `meshd agent`, pods as namespaces.
 
 Test scaffolding for issue 4's acceptance and the demo, never product code. Until Edged lands
-the lab plays the kubelet (netns-tests/labkubelet.py, a process on host `cloud`): it registers
-each node Ready, runs every pod scheduled to a node as a real process (netns-tests/podserver.py)
-in a free pod namespace behind that node's bridge, reports the pod's IP and Ready condition, and
+the lab plays the kubelet (netlab/kubelet.py, a process on host `cloud`): it registers each
+node Ready, runs every pod scheduled to a node as a real process (netlab/podserver.py) in a
+free pod namespace behind that node's bridge, reports the pod's IP and Ready condition, and
 stops it when the pod is deleted. Pods get a resolv.conf pointing at the agent's DNS
 (169.254.96.16) with kubelet's search list, through `ip netns exec`'s /etc/netns/<namespace>/
 bind mounts. Everything that talks to the API runs inside the lab (kubectl on `cloud`), so no
@@ -31,11 +31,10 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
+from meshd.dns.resolvconf import pod_resolv_conf
 from netlab import Lab, Topology
 
-from meshd.dns.resolvconf import pod_resolv_conf
-
-KUBELET = Path(__file__).with_name("labkubelet.py")
+KUBELET = Path(__file__).with_name("kubelet.py")
 DNS_IP = "169.254.96.16"
 LAN = "10.40.0.0/24"
 UPSTREAM_NAMES = {"outside.example": "192.0.2.80"}  # what the in-lab upstream resolver knows

@@ -1,11 +1,11 @@
 """The lab's stand-in for kubelet, run as a process inside the lab (never product code).
 
-    python labkubelet.py --kubeconfig admin.kubeconfig --slots slots.json --state state.json
+    python -m netlab.kubelet --kubeconfig admin.kubeconfig --slots slots.json --state state.json
 
 `slots.json` maps each node to its pod namespaces: `{"node1": [["ewlab-…-node1-p0",
 "10.244.1.2"], …], …}` and, under `"labels"`, each node's labels. The kubelet registers every
 node Ready, then list/watches Pods: a pod scheduled to one of its nodes runs as
-netns-tests/podserver.py in a free pod namespace of that node (`ip netns exec`), and is reported
+netlab/podserver.py in a free pod namespace of that node (`ip netns exec`), and is reported
 Running and Ready with that namespace's IP once it listens; a pod marked for deletion is stopped
 and deleted with grace 0, as kubelet does. It rewrites `state.json` after every change
 (`{"ns/name": {"node", "slot", "ip", "pid", "readyAt"}}`) so tests can find, and kill, a

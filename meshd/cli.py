@@ -14,15 +14,18 @@ from pathlib import Path
 
 from edgeweave import __version__
 from edgeweave.cli import UserError, add_common, base_parser, run
-from edgeweave.config import dump_yaml, load_config
+from edgeweave.config import HostPort, dump_yaml, load_config
 from edgeweave.log import event
-from meshd.config import MeshdConfig, StunConfig
+from meshd.config import MeshdConfig, RelayConfig, StunConfig
 from meshd.netcheck.classify import NetcheckReport
 from meshd.netcheck.machine import NetcheckFailed
 from meshd.netcheck.report import render_text, to_json
 from meshd.netcheck.runner import resolve_server, run_netcheck
+from meshd.stun.server import StunServer
 from meshd.stun.service import StunService
 from meshd.stun.transaction import RetransmitPolicy
+from meshd.turn.credentials import read_secrets
+from meshd.turn.server import TurnServerConfig
 from meshd.udp import BindError
 
 log = logging.getLogger("meshd.stun")
@@ -42,6 +45,14 @@ def _port(text: str) -> int:
     if not text.isdigit() or not 0 <= int(text) <= 65535:
         raise argparse.ArgumentTypeError(f"expected a port 0..65535, got {text!r}")
     return int(text)
+
+
+def _port_range(text: str) -> tuple[int, int]:
+    low, sep, high = text.partition("-")
+    if not (sep and low.isdigit() and high.isdigit()
+            and 1 <= int(low) <= int(high) <= 65535):
+        raise argparse.ArgumentTypeError(f"expected MIN-MAX within 1..65535, got {text!r}")
+    return int(low), int(high)
 
 
 def _subcommand(
@@ -69,7 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
                           help="seconds until a probe counts as unanswered (default 2.5; "
                                "config: netcheck.giveUpS)")
 
-    server = _subcommand(sub, "server", "run the STUN service until SIGINT/SIGTERM")
+    server = _subcommand(sub, "server", "run the STUN service (and the TURN relay when enabled) "
+                         "until SIGINT/SIGTERM")
     server.add_argument("--stun-address", action="append", metavar="IP",
                         help="listen IP; give twice for an RFC 5780 alternate IP "
                              "(default 0.0.0.0; config: stun.addresses)")
@@ -77,6 +89,18 @@ def build_parser() -> argparse.ArgumentParser:
                         help="primary port (default 3478; 0 = any; config: stun.port)")
     server.add_argument("--stun-alt-port", type=_port, metavar="PORT",
                         help="alternate port (default 3479; 0 = any; config: stun.altPort)")
+    server.add_argument("--relay", action=argparse.BooleanOptionalAction, default=None,
+                        help="serve the TURN relay (RFC 8656) on the STUN ports "
+                             "(config: relay.enabled)")
+    server.add_argument("--relay-secret-file", type=Path, metavar="FILE",
+                        help="shared secret(s) of the TURN REST credentials, one per line "
+                             "(config: relay.authSecretFile)")
+    server.add_argument("--relay-ip", metavar="IP",
+                        help="IP of the relayed addresses (default: the first STUN address; "
+                             "config: relay.relayIp)")
+    server.add_argument("--relay-ports", type=_port_range, metavar="MIN-MAX",
+                        help="relayed port range (default 49152-65535; config: relay.minPort, "
+                             "relay.maxPort)")
 
     agent = _subcommand(sub, "agent", "run the node's service plane (DNS, proxy, rules) until "
                         "SIGINT/SIGTERM")
@@ -219,8 +243,39 @@ def _server(args: argparse.Namespace, config: MeshdConfig) -> int:
         )
     except ValueError as exc:
         raise UserError(f"stun: {exc}") from None
-    asyncio.run(_serve(stun))
+    relay = _relay_config(args, config.relay)
+    if not relay.enabled:
+        asyncio.run(_serve(stun))
+        return 0
+    if relay.auth_secret_file is None:
+        raise UserError("relay: authSecretFile is required when the relay is enabled "
+                        "(or give --relay-secret-file FILE)")
+    try:
+        secrets = read_secrets(relay.auth_secret_file)
+    except (OSError, ValueError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+        raise UserError(f"relay: authSecretFile {relay.auth_secret_file}: {reason}") from None
+    try:
+        turn = relay.server_config(secrets, stun)
+    except ValueError as exc:
+        raise UserError(f"relay: {exc}") from None
+    asyncio.run(_serve_relay(stun, relay, turn))
     return 0
+
+
+def _relay_config(args: argparse.Namespace, relay: RelayConfig) -> RelayConfig:
+    low, high = args.relay_ports or (relay.min_port, relay.max_port)
+    try:
+        return replace(
+            relay,
+            enabled=relay.enabled if args.relay is None else args.relay,
+            auth_secret_file=args.relay_secret_file or relay.auth_secret_file,
+            relay_ip=args.relay_ip or relay.relay_ip,
+            min_port=low,
+            max_port=high,
+        )
+    except ValueError as exc:
+        raise UserError(f"relay: {exc}") from None
 
 
 async def _serve(stun: StunConfig) -> None:
@@ -246,3 +301,55 @@ async def _serve(stun: StunConfig) -> None:
         assert core is not None
         event(log, logging.INFO, "stun.stop", requests=core.requests, responses=core.responses,
               errors=core.errors, dropped=core.dropped)
+
+
+async def _serve_relay(stun: StunConfig, relay: RelayConfig, turn: TurnServerConfig) -> None:
+    from meshd.turn.service import TurnService, start_metrics
+
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        service = await TurnService.start(
+            turn,
+            primary_ip=stun.addresses[0],
+            alt_ip=stun.addresses[1] if len(stun.addresses) > 1 else None,
+            port=stun.port,
+            alt_port=stun.alt_port,
+            tcp=relay.tcp,
+            software=stun.software,
+        )
+    except BindError as exc:
+        raise UserError(str(exc)) from None
+    server, stun_core = service.server, service.stun
+    assert server is not None and stun_core is not None
+    runner = None
+    try:
+        if relay.metrics_address:
+            try:
+                where = HostPort.parse(relay.metrics_address)
+                runner = await start_metrics(where.host, where.port,
+                                             lambda: server.samples() + _stun_samples(stun_core))
+            except BindError as exc:
+                raise UserError(str(exc)) from None
+            for address in runner.addresses:
+                event(log, logging.INFO, "turn.metrics", address=f"{address[0]}:{address[1]}")
+        await stop.wait()
+    finally:
+        if runner is not None:
+            await runner.cleanup()
+        service.close()
+        event(log, logging.INFO, "stun.stop", requests=stun_core.requests,
+              responses=stun_core.responses, errors=stun_core.errors, dropped=stun_core.dropped)
+        m = server.metrics
+        event(logging.getLogger("meshd.turn"), logging.INFO, "turn.stop",
+              allocations=m.allocations_total, bytes_in=m.bytes_in, bytes_out=m.bytes_out,
+              auth_failures=m.auth_failures)
+
+
+def _stun_samples(core: StunServer) -> list[tuple[str, dict[str, str], int]]:
+    return [("meshd_stun_requests_total", {}, core.requests),
+            ("meshd_stun_responses_total", {}, core.responses),
+            ("meshd_stun_errors_total", {}, core.errors),
+            ("meshd_stun_dropped_total", {}, core.dropped)]

@@ -9,6 +9,11 @@
       initialRtoS: 0.25
       transmissions: 4
       giveUpS: 2.5
+    relay:                                      # TURN (RFC 8656) on the STUN port
+      enabled: true
+      authSecretFile: /etc/edgeweave/turn-secret
+      minPort: 49152
+      maxPort: 65535
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from meshd.dns.config import DnsConfig
 from meshd.proxy.config import ProxyConfig
 from meshd.stun.server import DEFAULT_SOFTWARE
 from meshd.stun.transaction import RetransmitPolicy
+from meshd.turn.server import TurnServerConfig
 
 STUN_PORT = 3478  # RFC 5389 §9
 STUN_ALT_PORT = 3479
@@ -63,6 +69,92 @@ class StunConfig:
                 raise ValueError(f"{name}: expected 0..65535, got {port}")
         if self.port == self.alt_port != 0:
             raise ValueError(f"port and altPort are both {self.port}")
+
+
+@dataclass(frozen=True)
+class RelayConfig:
+    """`relay:` — the TURN relay (RFC 8656) of `meshd server`, on the STUN sockets (see
+    docs/reference/meshd-relay.md)."""
+
+    enabled: bool = False
+    """Serve TURN beside STUN (Binding keeps working on the same ports)."""
+    realm: str = "edgeweave"
+    """REALM of the long-term credentials."""
+    auth_secret_file: Path | None = None
+    """File with the shared secret(s) of the REST credentials, one per line (the first is
+    current, later ones still accepted); required when enabled. Same secret as coturn's
+    `static-auth-secret`."""
+    relay_ip: str | None = None
+    """IP the relayed sockets bind to; default: the first `stun.addresses` entry."""
+    external_ip: str | None = None
+    """IP advertised in XOR-RELAYED-ADDRESS instead of `relayIp` (a 1:1 NAT in front, as on
+    cloud VMs); needed when `relayIp` is a wildcard."""
+    min_port: int = 49152
+    """Lowest relayed port."""
+    max_port: int = 65535
+    """Highest relayed port."""
+    tcp: bool = True
+    """Accept TURN over TCP on the primary STUN address and port."""
+    quota_per_node: int = 10
+    """Allocations one node (the `<node>` of its username) may hold at once."""
+    bytes_per_s_per_node: int = 0
+    """Relayed payload bytes per second per node, both directions; 0 = unlimited."""
+    default_lifetime_s: int = 600
+    """Allocation lifetime granted when a client asks for less or nothing."""
+    max_lifetime_s: int = 3600
+    """Longest allocation lifetime granted."""
+    nonce_lifetime_s: float = 600.0
+    """Seconds a NONCE is valid before 438 (Stale Nonce)."""
+    max_permissions: int = 64
+    """Permissions, and separately channels, per allocation."""
+    allow_loopback_peers: bool = False
+    """Relay to loopback peers (labs and tests only: it exposes the server's own services)."""
+    denied_peers: tuple[str, ...] = ()
+    """Networks (CIDR) never relayed to, e.g. the server's LAN."""
+    metrics_address: str = ""
+    """`host:port` for Prometheus `/metrics` of STUN and relay counters; "" = off."""
+
+    def __post_init__(self) -> None:
+        for name, value in (("relayIp", self.relay_ip), ("externalIp", self.external_ip)):
+            if value is not None:
+                _ip(value, name)
+        if not 1 <= self.min_port <= self.max_port <= 65535:
+            raise ValueError(f"minPort/maxPort: need 1 <= minPort <= maxPort <= 65535, got "
+                             f"{self.min_port}..{self.max_port}")
+        for net in self.denied_peers:
+            try:
+                ipaddress.ip_network(net, strict=False)
+            except ValueError:
+                raise ValueError(f"deniedPeers: {net!r} is not a network") from None
+        if self.metrics_address:
+            try:
+                HostPort.parse(self.metrics_address)
+            except ValueError as exc:
+                raise ValueError(f"metricsAddress: {exc}") from None
+        if not self.realm:
+            raise ValueError("realm must not be empty")
+        if self.quota_per_node < 1 or self.max_permissions < 1:
+            raise ValueError("quotaPerNode and maxPermissions must be at least 1")
+        if self.bytes_per_s_per_node < 0:
+            raise ValueError("bytesPerSPerNode must not be negative")
+        if not 0 < self.default_lifetime_s <= self.max_lifetime_s or self.nonce_lifetime_s <= 0:
+            raise ValueError("need 0 < defaultLifetimeS <= maxLifetimeS and nonceLifetimeS > 0")
+
+    def server_config(self, secrets: tuple[bytes, ...], stun: StunConfig) -> TurnServerConfig:
+        """The core's settings; `ValueError` (naming the field) when they do not add up."""
+        relay_ip = self.relay_ip or stun.addresses[0]
+        if ipaddress.ip_address(relay_ip).is_unspecified and self.external_ip is None:
+            raise ValueError(f"relayIp {relay_ip} is a wildcard: set relayIp to a concrete "
+                             "address, or externalIp to the address clients reach")
+        return TurnServerConfig(
+            realm=self.realm, secrets=secrets, relay_ip=relay_ip, min_port=self.min_port,
+            max_port=self.max_port, external_ip=self.external_ip,
+            quota_per_node=self.quota_per_node, bytes_per_s_per_node=self.bytes_per_s_per_node,
+            default_lifetime_s=self.default_lifetime_s, max_lifetime_s=self.max_lifetime_s,
+            nonce_lifetime_s=self.nonce_lifetime_s, max_permissions=self.max_permissions,
+            allow_loopback_peers=self.allow_loopback_peers, denied_peers=self.denied_peers,
+            software=stun.software,
+        )
 
 
 @dataclass(frozen=True)
@@ -123,5 +215,7 @@ class MeshdConfig:
 
     stun: StunConfig = field(default_factory=StunConfig)
     """The STUN service (`meshd server`)."""
+    relay: RelayConfig = field(default_factory=RelayConfig)
+    """The TURN relay (`meshd server`), on the STUN sockets."""
     netcheck: NetcheckConfig = field(default_factory=NetcheckConfig)
     """NAT discovery (`meshd netcheck`)."""

@@ -11,7 +11,10 @@ it saw, one line per datagram, for a failing test to print.
 
 A `SimNat` follows RFC 4787: mapping behaviour decides when a new public port is used, filtering
 behaviour which inbound datagrams reach a mapping. `mapping=None` models a firewall without
-translation (inside addresses are public, inbound is still filtered).
+translation (inside addresses are public, inbound is still filtered). Optional extras: a UDP
+mapping timeout (`timeout_s`, like conntrack's), `flush()` (like `conntrack -F`), NATs nested in
+another NAT's inside network (double NAT), and `Transmit.ttl` (a datagram whose TTL runs out
+after our own NAT(s) opens their mappings but never reaches the far side).
 """
 
 from __future__ import annotations
@@ -47,6 +50,7 @@ class SimNat:
         hairpin: bool = False,
         preserve_ports: bool = False,
         first_port: int = 40000,
+        timeout_s: float | None = None,
     ) -> None:
         self.public_ip = public_ip
         self.inside = ipaddress.ip_network(inside)
@@ -58,6 +62,9 @@ class SimNat:
         self._mappings: dict[tuple[object, ...], Address] = {}
         self._reverse: dict[Address, Address] = {}  # external -> internal
         self._permits: set[tuple[Address, object]] = set()  # (external, remote ip or addr)
+        self.timeout_s = timeout_s
+        """Idle time after which a mapping (and its filter permits) is forgotten; None: never."""
+        self._used: dict[Address, float] = {}  # external -> last time a datagram used it
 
     def is_inside(self, ip: str) -> bool:
         """`ip` is on the inside network."""
@@ -67,8 +74,9 @@ class SimNat:
         """Datagrams to `ip` from outside are this device's to filter (and translate)."""
         return ip == self.public_ip if self.mapping is not None else self.is_inside(ip)
 
-    def outbound(self, source: Address, destination: Address) -> Address:
+    def outbound(self, source: Address, destination: Address, now: float = 0.0) -> Address:
         """Translate an inside source for `destination` and open the filter towards it."""
+        self._expire(now)
         external = source
         if self.mapping is not None:
             key: tuple[object, ...] = {
@@ -82,10 +90,12 @@ class SimNat:
         self._reverse[external] = source
         self._permits.add((external, destination[0]))
         self._permits.add((external, destination))
+        self._used[external] = now
         return external
 
-    def inbound(self, source: Address, external: Address) -> Address | None:
+    def inbound(self, source: Address, external: Address, now: float = 0.0) -> Address | None:
         """The inside address for a datagram from `source` to `external`, None if filtered."""
+        self._expire(now)
         internal = self._reverse.get(external)
         if internal is None:
             return None
@@ -93,11 +103,33 @@ class SimNat:
             return None
         if self.filtering is APDF and (external, source) not in self._permits:
             return None
+        self._used[external] = now
         return internal
 
-    def hairpin_target(self, external: Address) -> Address | None:
+    def hairpin_target(self, external: Address, now: float = 0.0) -> Address | None:
         """Where a hairpinned datagram to our own `external` address goes (no filtering)."""
+        self._expire(now)
         return self._reverse.get(external) if self.hairpin else None
+
+    def flush(self) -> None:
+        """Forget every mapping and filter permit (`conntrack -F`). New mappings get new ports
+        unless `preserve_ports`."""
+        self._mappings.clear()
+        self._reverse.clear()
+        self._permits.clear()
+        self._used.clear()
+
+    def _expire(self, now: float) -> None:
+        if self.timeout_s is None:
+            return
+        stale = {e for e, used in self._used.items() if now - used >= self.timeout_s}
+        if not stale:
+            return
+        self._mappings = {k: e for k, e in self._mappings.items() if e not in stale}
+        self._reverse = {e: i for e, i in self._reverse.items() if e not in stale}
+        self._permits = {p for p in self._permits if p[0] not in stale}
+        for external in stale:
+            del self._used[external]
 
     def _allocate(self, wanted: int) -> Address:
         used = {port for ip, port in self._reverse}
@@ -124,13 +156,16 @@ class SimNetwork:
 
     def __init__(
         self, *, seed: int = 0, latency_s: float = 0.01, loss: float = 0.0,
-        duplicate: float = 0.0,
+        duplicate: float = 0.0, internet_hops: int = 1,
     ) -> None:
         self.now = 0.0
         """Virtual time in seconds."""
         self.latency_s = latency_s
         self.loss = loss
         self.duplicate = duplicate
+        self.internet_hops = internet_hops
+        """Routers between the outermost NATs: a datagram needs a TTL above this (after its own
+        NATs took one each) to cross the internet."""
         self.trace: list[str] = []
         """One line per datagram sent, dropped or delivered."""
         self._rng = random.Random(seed)
@@ -150,19 +185,42 @@ class SimNetwork:
 
     def send(self, t: Transmit) -> None:
         """Send one datagram now: translate, maybe lose or duplicate it, queue its arrival."""
-        nat = next((n for n in self._nats if n.is_inside(t.source[0])), None)
-        if nat is not None and nat.is_inside(t.destination[0]):
-            self._queue_packet(t.source, t.destination, t.data, filtered=False)  # same LAN
-        elif nat is not None and nat.mapping is not None and nat.owns(t.destination[0]):
-            target = nat.hairpin_target(t.destination)  # RFC 4787 §6 hairpinning
-            if target is None:
-                self._log(t.source, t.destination, t.data, "dropped: no hairpin")
+        self._route(t.source, t.destination, t.data, t.ttl)
+
+    def _route(self, source: Address, destination: Address, data: bytes,
+               ttl: int | None) -> None:
+        nat = next((n for n in self._nats if n.is_inside(source[0])), None)
+        if nat is not None and nat.is_inside(destination[0]):
+            # Same LAN; filtered only when the destination is another NAT's public side.
+            guarded = any(n is not nat and n.mapping is not None and n.owns(destination[0])
+                          for n in self._nats)
+            self._queue_packet(source, destination, data, filtered=guarded)
+            return
+        if nat is not None and ttl is not None:
+            if ttl <= 1:  # the NAT router would have to forward it: expired, no mapping made
+                self._log(source, destination, data, "expired: ttl")
                 return
-            self._queue_packet(nat.outbound(t.source, t.destination), target, t.data,
+            ttl -= 1
+        if nat is not None and nat.mapping is not None and nat.owns(destination[0]):
+            target = nat.hairpin_target(destination, self.now)  # RFC 4787 §6 hairpinning
+            if target is None:
+                self._log(source, destination, data, "dropped: no hairpin")
+                return
+            self._queue_packet(nat.outbound(source, destination, self.now), target, data,
                                filtered=False)
-        else:
-            source = nat.outbound(t.source, t.destination) if nat is not None else t.source
-            self._queue_packet(source, t.destination, t.data, filtered=True)
+            return
+        if nat is not None:
+            source = nat.outbound(source, destination, self.now)
+            if any(n is not nat and n.is_inside(source[0]) for n in self._nats):
+                self._route(source, destination, data, ttl)  # double NAT: the next one out
+                return
+        if any(n.mapping is not None and n.is_inside(destination[0]) for n in self._nats):
+            self._log(source, destination, data, "dropped: private address, not routed")
+            return
+        if ttl is not None and ttl <= self.internet_hops:
+            self._log(source, destination, data, "expired: ttl")
+            return
+        self._queue_packet(source, destination, data, filtered=True)
 
     def next_time(self) -> float | None:
         """When the next datagram arrives, if any is in flight."""
@@ -190,12 +248,16 @@ class SimNetwork:
 
     def _deliver(self, packet: _Packet) -> None:
         local = packet.destination
-        nat = next((n for n in self._nats if n.owns(local[0])), None)
-        if packet.filtered and nat is not None:
-            inside = nat.inbound(packet.source, local)
+        passed: list[SimNat] = []  # outer NAT first, then any NAT nested inside it
+        while packet.filtered:
+            nat = next((n for n in self._nats if n.owns(local[0]) and n not in passed), None)
+            if nat is None:
+                break
+            inside = nat.inbound(packet.source, local, self.now)
             if inside is None:
                 self._log(packet.source, local, packet.data, "dropped: filtered")
                 return
+            passed.append(nat)
             local = inside
         handler = self._handlers.get(local)
         if handler is None:

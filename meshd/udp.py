@@ -33,6 +33,9 @@ class Transmit:
     """Where it goes."""
     data: bytes
     """The datagram."""
+    ttl: int | None = None
+    """IP TTL (hop limit) to send it with; None: the socket's default. Only the punch
+    machine's pre-punch sets it (open our own NAT mapping, expire before the peer's NAT)."""
 
 
 class BindError(Exception):

@@ -249,6 +249,16 @@ class Proxy:
     def _closed(self, conn: Connection) -> None:
         self._release(conn.counters)
 
+    def adopt(self, client: socket.socket, backend: socket.socket,
+              counters: ServiceCounters) -> None:
+        """Relay between two connected non-blocking sockets that did not come through the
+        REDIRECT listener (the mesh connect server's), counted like the proxy's own."""
+        assert self._loop is not None and self._relay is not None, "proxy not started"
+        self._active += 1
+        counters.connections_active += 1
+        counters.connections_total += 1
+        self._relay.start(client, backend, counters, self._loop.time(), self._closed)
+
     # -- housekeeping ----------------------------------------------------------------------
 
     def _sweep(self) -> None:

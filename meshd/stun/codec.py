@@ -1,4 +1,6 @@
-"""STUN messages (RFC 5389) and the RFC 5780 NAT-discovery attributes: pure parse/encode.
+"""STUN messages (RFC 5389), the RFC 5780 NAT-discovery attributes and the TURN (RFC 8656)
+methods and attributes: pure parse/encode. One codec for every STUN-family attribute; the
+ChannelData framing TURN adds beside STUN lives in `meshd.turn.framing`.
 
 Header (RFC 5389 §6), 20 bytes, then zero or more attributes:
 
@@ -53,6 +55,10 @@ HEADER = struct.Struct("!HHI12s")
 ATTR_HEADER = struct.Struct("!HH")
 MAX_USERNAME = 513  # bytes, RFC 5389 §15.3
 MAX_TEXT = 763  # bytes, SOFTWARE and reason phrase (RFC 5389 §15.6, §15.10)
+MAX_REALM_NONCE = 763  # bytes, REALM and NONCE (RFC 5389 §15.7-15.8: < 128 characters)
+FAMILY_IPV4 = 0x01  # address family codes (RFC 5389 §15.1, RFC 8656 §18.6)
+FAMILY_IPV6 = 0x02
+PROTOCOL_UDP = 17  # REQUESTED-TRANSPORT value for UDP relaying (RFC 8656 §18.8)
 
 
 class StunParseError(Exception):
@@ -72,10 +78,16 @@ class Method(IntEnum):
     """STUN methods this code knows by name; others parse as plain ints."""
 
     BINDING = 0x001
+    ALLOCATE = 0x003  # RFC 8656 §17 (TURN methods): request/response only
+    REFRESH = 0x004  # request/response only
+    SEND = 0x006  # indication only
+    DATA = 0x007  # indication only
+    CREATE_PERMISSION = 0x008  # request/response only
+    CHANNEL_BIND = 0x009  # request/response only
 
 
 class AttrType(IntEnum):
-    """Attribute type codes: RFC 5389 §18.2 and RFC 5780 §9.1."""
+    """Attribute type codes: RFC 5389 §18.2, RFC 5780 §9.1 and RFC 8656 §18."""
 
     MAPPED_ADDRESS = 0x0001
     CHANGE_REQUEST = 0x0003
@@ -83,7 +95,19 @@ class AttrType(IntEnum):
     MESSAGE_INTEGRITY = 0x0008
     ERROR_CODE = 0x0009
     UNKNOWN_ATTRIBUTES = 0x000A
+    CHANNEL_NUMBER = 0x000C  # RFC 8656 §18.1
+    LIFETIME = 0x000D  # RFC 8656 §18.2
+    XOR_PEER_ADDRESS = 0x0012  # RFC 8656 §18.3
+    DATA = 0x0013  # RFC 8656 §18.4
+    REALM = 0x0014  # RFC 5389 §15.7
+    NONCE = 0x0015  # RFC 5389 §15.8
+    XOR_RELAYED_ADDRESS = 0x0016  # RFC 8656 §18.5
+    REQUESTED_ADDRESS_FAMILY = 0x0017  # RFC 8656 §18.6
+    EVEN_PORT = 0x0018  # RFC 8656 §18.7
+    REQUESTED_TRANSPORT = 0x0019  # RFC 8656 §18.8
+    DONT_FRAGMENT = 0x001A  # RFC 8656 §18.9
     XOR_MAPPED_ADDRESS = 0x0020
+    RESERVATION_TOKEN = 0x0022  # RFC 8656 §18.10
     PADDING = 0x0026
     RESPONSE_PORT = 0x0027
     SOFTWARE = 0x8022
@@ -228,6 +252,159 @@ class Padding:
             raise ValueError(f"PADDING length out of range: {self.length}")
 
 
+# --- TURN attributes (RFC 8656 §18) ----------------------------------------------------------
+#
+# CHANNEL-NUMBER (§18.1), REQUESTED-ADDRESS-FAMILY (§18.6), REQUESTED-TRANSPORT (§18.8):
+#
+#     0                   1                   2                   3
+#     0 1 2 3 4 5 6 7 8 9 0 1 2 3 4 5 6 7 8 9 0 1 2 3 4 5 6 7 8 9 0 1
+#    +-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+
+#    |        Channel Number         |         RFFU = 0              |
+#    +-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+
+#    |    Family     |            Reserved (24 bits)                 |
+#    +-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+
+#    |    Protocol   |                    RFFU                       |
+#    +-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+
+#
+# LIFETIME (§18.2) is a 32-bit number of seconds; EVEN-PORT (§18.7) one byte whose top bit R
+# asks for the next port to be reserved (the value is padded to 4 bytes like any other);
+# DONT-FRAGMENT (§18.9) is empty; RESERVATION-TOKEN (§18.10) is 8 opaque bytes;
+# XOR-PEER-ADDRESS and XOR-RELAYED-ADDRESS (§18.3, §18.5) are encoded like XOR-MAPPED-ADDRESS.
+
+
+@dataclass(frozen=True)
+class ChannelNumber:
+    """CHANNEL-NUMBER (RFC 8656 §18.1): the channel a ChannelBind request binds."""
+
+    number: int
+    """16 bits; TURN binds 0x4000..0x4FFF (a server answers 400 to anything else)."""
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.number <= 0xFFFF:
+            raise ValueError(f"channel number out of range: {self.number}")
+
+
+@dataclass(frozen=True)
+class Lifetime:
+    """LIFETIME (RFC 8656 §18.2): seconds until the allocation expires; 0 deletes it."""
+
+    seconds: int
+    """Unsigned 32-bit."""
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.seconds <= 0xFFFFFFFF:
+            raise ValueError(f"lifetime out of range: {self.seconds}")
+
+
+@dataclass(frozen=True)
+class XorPeerAddress:
+    """XOR-PEER-ADDRESS (RFC 8656 §18.3): a peer's address as the server sees it."""
+
+    address: Address
+    """The peer (IP and port; permissions only look at the IP)."""
+
+    def __post_init__(self) -> None:
+        _check_address(self.address)
+
+
+@dataclass(frozen=True)
+class Data:
+    """DATA (RFC 8656 §18.4): the application payload of a Send or Data indication."""
+
+    value: bytes
+    """The payload, without padding."""
+
+    def __post_init__(self) -> None:
+        if len(self.value) > 0xFFFF - 3:
+            raise ValueError("DATA longer than an attribute can hold")
+
+
+@dataclass(frozen=True)
+class Realm:
+    """REALM (RFC 5389 §15.7): the long-term credential realm."""
+
+    value: str
+    """UTF-8 text, at most 763 bytes encoded."""
+
+    def __post_init__(self) -> None:
+        if len(self.value.encode()) > MAX_REALM_NONCE:
+            raise ValueError(f"REALM longer than {MAX_REALM_NONCE} bytes")
+
+
+@dataclass(frozen=True)
+class Nonce:
+    """NONCE (RFC 5389 §15.8): the server's opaque nonce, echoed back by the client."""
+
+    value: bytes
+    """Opaque bytes (quoted-string characters in practice), at most 763."""
+
+    def __post_init__(self) -> None:
+        if len(self.value) > MAX_REALM_NONCE:
+            raise ValueError(f"NONCE longer than {MAX_REALM_NONCE} bytes")
+
+
+@dataclass(frozen=True)
+class XorRelayedAddress:
+    """XOR-RELAYED-ADDRESS (RFC 8656 §18.5): the address the server allocated for the client."""
+
+    address: Address
+    """The relayed transport address peers send to."""
+
+    def __post_init__(self) -> None:
+        _check_address(self.address)
+
+
+@dataclass(frozen=True)
+class RequestedAddressFamily:
+    """REQUESTED-ADDRESS-FAMILY (RFC 8656 §18.6): the family of the relayed address wanted."""
+
+    family: int
+    """`FAMILY_IPV4` (0x01) or `FAMILY_IPV6` (0x02); other values parse (a server answers
+    440)."""
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.family <= 0xFF:
+            raise ValueError(f"address family out of range: {self.family}")
+
+
+@dataclass(frozen=True)
+class EvenPort:
+    """EVEN-PORT (RFC 8656 §18.7): ask for an even relayed port."""
+
+    reserve: bool = False
+    """R bit: also reserve the next-higher port (answered with a RESERVATION-TOKEN)."""
+
+
+@dataclass(frozen=True)
+class RequestedTransport:
+    """REQUESTED-TRANSPORT (RFC 8656 §18.8): the transport of the relayed address."""
+
+    protocol: int
+    """IANA protocol number; `PROTOCOL_UDP` (17) is the only one RFC 8656 allocates."""
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.protocol <= 0xFF:
+            raise ValueError(f"protocol out of range: {self.protocol}")
+
+
+@dataclass(frozen=True)
+class DontFragment:
+    """DONT-FRAGMENT (RFC 8656 §18.9): send to peers with the IP DF bit set. No value."""
+
+
+@dataclass(frozen=True)
+class ReservationToken:
+    """RESERVATION-TOKEN (RFC 8656 §18.10): names a port the server holds for a later
+    Allocate."""
+
+    token: bytes
+    """8 opaque bytes."""
+
+    def __post_init__(self) -> None:
+        if len(self.token) != 8:
+            raise ValueError("RESERVATION-TOKEN must be 8 bytes")
+
+
 @dataclass(frozen=True)
 class UnknownAttribute:
     """Any attribute this codec does not interpret, kept verbatim."""
@@ -261,6 +438,18 @@ Attribute = (
     | ChangeRequest
     | ResponsePort
     | Padding
+    | ChannelNumber
+    | Lifetime
+    | XorPeerAddress
+    | Data
+    | Realm
+    | Nonce
+    | XorRelayedAddress
+    | RequestedAddressFamily
+    | EvenPort
+    | RequestedTransport
+    | DontFragment
+    | ReservationToken
     | UnknownAttribute
 )
 
@@ -300,6 +489,11 @@ class StunMessage:
             if isinstance(attribute, kind):
                 return attribute
         return None
+
+    def get_all(self, kind: type[A]) -> tuple[A, ...]:
+        """Every attribute of class `kind`, in wire order (CreatePermission may carry several
+        XOR-PEER-ADDRESS, RFC 8656 §9.1)."""
+        return tuple(a for a in self.attributes if isinstance(a, kind))
 
     @property
     def unknown_required(self) -> tuple[int, ...]:
@@ -432,6 +626,32 @@ def _decode_change_request(value: bytes) -> ChangeRequest:
     return ChangeRequest(change_ip=bool(flags & 0x4), change_port=bool(flags & 0x2))
 
 
+def _decode_channel_number(value: bytes) -> ChannelNumber:
+    return ChannelNumber(struct.unpack_from("!H", _decode_fixed(value, 4, "CHANNEL-NUMBER"))[0])
+
+
+def _decode_lifetime(value: bytes) -> Lifetime:
+    return Lifetime(struct.unpack("!I", _decode_fixed(value, 4, "LIFETIME"))[0])
+
+
+def _decode_even_port(value: bytes) -> EvenPort:
+    # One byte (R + 7 RFFU bits); a few implementations send the padded 4 bytes as the length.
+    if not 1 <= len(value) <= 4:
+        raise StunParseError(f"EVEN-PORT must be 1 byte, got {len(value)}")
+    return EvenPort(reserve=bool(value[0] & 0x80))
+
+
+def _decode_dont_fragment(value: bytes) -> DontFragment:
+    _decode_fixed(value, 0, "DONT-FRAGMENT")
+    return DontFragment()
+
+
+def _decode_nonce(value: bytes) -> Nonce:
+    if len(value) > MAX_REALM_NONCE:
+        raise StunParseError(f"NONCE longer than {MAX_REALM_NONCE} bytes")
+    return Nonce(value)
+
+
 Decoder = Callable[[bytes, bytes], Attribute]  # (value, transaction id) -> attribute
 
 _DECODERS: dict[int, Decoder] = {
@@ -446,6 +666,22 @@ _DECODERS: dict[int, Decoder] = {
     AttrType.CHANGE_REQUEST: lambda v, t: _decode_change_request(v),
     AttrType.RESPONSE_PORT: lambda v, t: _decode_response_port(v),
     AttrType.PADDING: lambda v, t: Padding(len(v)),
+    AttrType.CHANNEL_NUMBER: lambda v, t: _decode_channel_number(v),
+    AttrType.LIFETIME: lambda v, t: _decode_lifetime(v),
+    AttrType.XOR_PEER_ADDRESS: lambda v, t: XorPeerAddress(_decode_address(v, _xor_mask(t))),
+    AttrType.DATA: lambda v, t: Data(v),
+    AttrType.REALM: lambda v, t: Realm(_decode_text(v, MAX_REALM_NONCE, "REALM")),
+    AttrType.NONCE: lambda v, t: _decode_nonce(v),
+    AttrType.XOR_RELAYED_ADDRESS: lambda v, t: XorRelayedAddress(
+        _decode_address(v, _xor_mask(t))),
+    AttrType.REQUESTED_ADDRESS_FAMILY: lambda v, t: RequestedAddressFamily(
+        _decode_fixed(v, 4, "REQUESTED-ADDRESS-FAMILY")[0]),
+    AttrType.EVEN_PORT: lambda v, t: _decode_even_port(v),
+    AttrType.REQUESTED_TRANSPORT: lambda v, t: RequestedTransport(
+        _decode_fixed(v, 4, "REQUESTED-TRANSPORT")[0]),
+    AttrType.DONT_FRAGMENT: lambda v, t: _decode_dont_fragment(v),
+    AttrType.RESERVATION_TOKEN: lambda v, t: ReservationToken(
+        _decode_fixed(v, 8, "RESERVATION-TOKEN")),
 }
 _TRAILERS = {AttrType.MESSAGE_INTEGRITY, AttrType.FINGERPRINT}
 
@@ -475,6 +711,31 @@ def _encode_value(attribute: Attribute, transaction_id: bytes) -> tuple[int, byt
             return AttrType.RESPONSE_PORT, struct.pack("!HH", port, 0)
         case Padding(length):
             return AttrType.PADDING, bytes(length)
+        case ChannelNumber(number):
+            return AttrType.CHANNEL_NUMBER, struct.pack("!HH", number, 0)
+        case Lifetime(seconds):
+            return AttrType.LIFETIME, struct.pack("!I", seconds)
+        case XorPeerAddress(address):
+            return AttrType.XOR_PEER_ADDRESS, _encode_address(address, _xor_mask(transaction_id))
+        case Data(value):
+            return AttrType.DATA, value
+        case Realm(value):
+            return AttrType.REALM, value.encode()
+        case Nonce(value):
+            return AttrType.NONCE, value
+        case XorRelayedAddress(address):
+            return AttrType.XOR_RELAYED_ADDRESS, _encode_address(
+                address, _xor_mask(transaction_id))
+        case RequestedAddressFamily(family):
+            return AttrType.REQUESTED_ADDRESS_FAMILY, struct.pack("!B3x", family)
+        case EvenPort(reserve):
+            return AttrType.EVEN_PORT, bytes([0x80 if reserve else 0])
+        case RequestedTransport(protocol):
+            return AttrType.REQUESTED_TRANSPORT, struct.pack("!B3x", protocol)
+        case DontFragment():
+            return AttrType.DONT_FRAGMENT, b""
+        case ReservationToken(token):
+            return AttrType.RESERVATION_TOKEN, token
         case UnknownAttribute(type_, value):
             return type_, value
     raise TypeError(f"not a STUN attribute: {attribute!r}")
@@ -570,3 +831,93 @@ def verify_integrity(data: bytes, key: bytes) -> bool:
             mac = hmac.new(key, header + data[HEADER.size : offset], hashlib.sha1).digest()
             return hmac.compare_digest(mac, value)
     return False
+
+
+# --- ICE attributes (RFC 8445 §7.1.1, §16.1) --------------------------------------------------
+#
+# Connectivity checks carry four attributes that only ICE agents understand:
+#
+#     PRIORITY (0x0024)         | priority (32 bits) |      the sender's candidate as prflx
+#     USE-CANDIDATE (0x0025)    | (no value)         |      the controlling agent nominates
+#     ICE-CONTROLLED (0x8029)   | tie-breaker (64 bits) |   the sender's role
+#     ICE-CONTROLLING (0x802A)  | tie-breaker (64 bits) |
+#
+# They stay `UnknownAttribute`s inside `StunMessage` on purpose: `parse_message` and the STUN
+# server keep RFC 5389 behaviour (a plain STUN server must answer 420 to a PRIORITY it does not
+# implement, RFC 5389 §7.3.1). ICE code builds them with `IceAttributes.to_attributes` and reads
+# them with `parse_ice_attributes`.
+
+
+class IceAttrType(IntEnum):
+    """ICE attribute type codes (RFC 8445 §16.1)."""
+
+    PRIORITY = 0x0024
+    USE_CANDIDATE = 0x0025
+    ICE_CONTROLLED = 0x8029
+    ICE_CONTROLLING = 0x802A
+
+
+@dataclass(frozen=True)
+class IceAttributes:
+    """The ICE attributes of one connectivity check (absent ones are None/False)."""
+
+    priority: int | None = None
+    """PRIORITY: the priority a peer-reflexive candidate learnt from this check gets."""
+    use_candidate: bool = False
+    """USE-CANDIDATE: the controlling agent nominates the pair this check runs on."""
+    controlling: int | None = None
+    """ICE-CONTROLLING tie-breaker: the sender believes it is the controlling agent."""
+    controlled: int | None = None
+    """ICE-CONTROLLED tie-breaker: the sender believes it is the controlled agent."""
+
+    def __post_init__(self) -> None:
+        if self.priority is not None and not 0 <= self.priority <= 0xFFFFFFFF:
+            raise ValueError(f"PRIORITY out of range: {self.priority}")
+        for breaker in (self.controlling, self.controlled):
+            if breaker is not None and not 0 <= breaker <= 0xFFFFFFFFFFFFFFFF:
+                raise ValueError(f"tie-breaker out of range: {breaker}")
+
+    def to_attributes(self) -> tuple[UnknownAttribute, ...]:
+        """The attributes to put in a `StunMessage`, in RFC 8445 order."""
+        out: list[UnknownAttribute] = []
+        if self.priority is not None:
+            out.append(UnknownAttribute(IceAttrType.PRIORITY, struct.pack("!I", self.priority)))
+        if self.use_candidate:
+            out.append(UnknownAttribute(IceAttrType.USE_CANDIDATE, b""))
+        if self.controlling is not None:
+            out.append(UnknownAttribute(IceAttrType.ICE_CONTROLLING,
+                                        struct.pack("!Q", self.controlling)))
+        if self.controlled is not None:
+            out.append(UnknownAttribute(IceAttrType.ICE_CONTROLLED,
+                                        struct.pack("!Q", self.controlled)))
+        return tuple(out)
+
+
+_ICE_SIZES: dict[int, int] = {
+    IceAttrType.PRIORITY: 4,
+    IceAttrType.USE_CANDIDATE: 0,
+    IceAttrType.ICE_CONTROLLED: 8,
+    IceAttrType.ICE_CONTROLLING: 8,
+}
+
+
+def parse_ice_attributes(message: StunMessage) -> IceAttributes:
+    """The ICE attributes of `message` (first of each type wins); `StunParseError` when one has
+    the wrong length."""
+    found: dict[int, bytes] = {}
+    for attribute in message.attributes:
+        if isinstance(attribute, UnknownAttribute) and attribute.type in _ICE_SIZES:
+            found.setdefault(attribute.type, attribute.value)
+    for code, value in found.items():
+        _decode_fixed(value, _ICE_SIZES[code], IceAttrType(code).name.replace("_", "-"))
+
+    def number(code: IceAttrType) -> int | None:
+        value = found.get(code)
+        return int.from_bytes(value, "big") if value is not None else None
+
+    return IceAttributes(
+        priority=number(IceAttrType.PRIORITY),
+        use_candidate=IceAttrType.USE_CANDIDATE in found,
+        controlling=number(IceAttrType.ICE_CONTROLLING),
+        controlled=number(IceAttrType.ICE_CONTROLLED),
+    )

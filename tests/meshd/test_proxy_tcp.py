@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import hashlib
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
@@ -21,7 +22,9 @@ from meshd.catalog import Catalog, Endpoint, Service
 from meshd.lb import LbConfig
 from meshd.proxy import Proxy, ProxyConfig, UdpConfig
 from meshd.proxy.catalog_file import parse_catalog
+from meshd.proxy.mesh import MeshConnectServer, MeshDialer
 from meshd.proxy.sockopt import Address
+from meshd.tunnel.connect import ConnectRequest, encode_request, parse_reply
 
 T = TypeVar("T")
 LOOPS = ["asyncio", "uvloop"]
@@ -520,3 +523,149 @@ def test_a_dialer_bug_counts_as_a_failed_dial() -> None:
                 return reset, counters.dial_failures, proxy.connections
 
     assert run(main()) == (True, 1, 0)
+
+
+# -- endpoints on other nodes (meshd.proxy.mesh) --------------------------------------------
+# Two proxies play two nodes: `a` (the caller) dials with `MeshDialer`, whose peer directory
+# points node `b` at `b`'s `MeshConnectServer`; `b`'s catalog lists the backend as its own pod.
+
+
+def node_catalog(node: str, backends: list[tuple[str, int, str]]) -> Catalog:
+    return parse_catalog({"node": node, "services": [{
+        "namespace": "default", "name": "web", "clusterIPs": [CIP],
+        "ports": [{"name": "http", "port": 80, "targetPort": 8080}],
+        "endpoints": [{"ip": ip, "node": owner, "ports": [{"name": "http", "port": port}]}
+                      for ip, port, owner in backends]}]})
+
+
+class Peers:
+    def __init__(self) -> None:
+        self.where: dict[str, Address] = {}
+
+    def connect_address(self, node: str) -> Address | None:
+        return self.where.get(node)
+
+
+async def echo_server() -> tuple[asyncio.Server, int]:
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while data := await reader.read(65536):
+            writer.write(data)
+            await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    return server, server.sockets[0].getsockname()[1]
+
+
+async def call(proxy: Proxy, payload: bytes) -> bytes:
+    reader, writer = await asyncio.open_connection(*proxy.address)
+    writer.write(payload)
+    writer.write_eof()
+    data = await reader.read()
+    writer.close()
+    return data
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_remote_endpoint_is_reached_through_the_owner(loop: str) -> None:
+    async def main() -> None:
+        server, port = await echo_server()
+        backends = [("127.0.0.1", port, "b")]
+        owner = Proxy(config(), node_catalog("b", backends))
+        peers = Peers()
+        caller = Proxy(config(), node_catalog("a", backends), original_destination=OriginalDst(),
+                       dialer=MeshDialer("a", peers, direct_routable=False))
+        async with running(owner), running(caller):
+            connect = MeshConnectServer(lambda: owner.catalog, owner.adopt, owner.metrics)
+            await connect.start(("127.0.0.1", 0))
+            assert connect.address is not None
+            peers.where["b"] = connect.address
+            payload = bytes(range(256)) * 4096  # 1 MiB both ways, splice or copy
+            assert await call(caller, payload) == payload
+            await asyncio.sleep(0.2)  # the sweeper folds byte counts in
+            assert owner.metrics.services["default/web"].connections_total == 1
+            assert caller.metrics.services["default/web"].bytes_in >= len(payload)
+            await connect.stop()
+        server.close()
+
+    run(main(), loop)
+
+
+def test_failed_remote_dial_fails_over_and_ejects() -> None:
+    async def main() -> None:
+        server, port = await echo_server()
+        dead = socket.socket()
+        dead.bind(("127.0.0.1", 0))
+        dead_port = dead.getsockname()[1]
+        dead.close()  # nothing listens there: the owner's dial is refused
+        backends = [("127.0.0.1", dead_port, "b"), ("127.0.0.1", port, "b")]
+        owner = Proxy(config(), node_catalog("b", backends))
+        peers = Peers()
+        caller = Proxy(config(), node_catalog("a", backends), original_destination=OriginalDst(),
+                       dialer=MeshDialer("a", peers, direct_routable=False))
+        async with running(owner), running(caller):
+            connect = MeshConnectServer(lambda: owner.catalog, owner.adopt, owner.metrics)
+            await connect.start(("127.0.0.1", 0))
+            assert connect.address is not None
+            peers.where["b"] = connect.address
+            for _ in range(4):
+                assert await call(caller, b"hello") == b"hello"
+            counters = caller.metrics.services["default/web"]
+            assert counters.dial_failures == 1 and counters.ejections == 1
+            assert connect.refused == 1
+            await connect.stop()
+        server.close()
+
+    run(main())
+
+
+def test_unknown_node_without_direct_routing_fails_fast() -> None:
+    async def main() -> None:
+        dialer = MeshDialer("a", Peers(), direct_routable=False)
+        catalog = node_catalog("a", [("127.0.0.1", 9, "c")])
+        service = catalog.services["default/web"]
+        with pytest.raises(OSError) as err:
+            await dialer.dial(service.endpoints[0], 9, service, 0.0)
+        assert err.value.errno == errno.EHOSTUNREACH and "node c" in str(err.value)
+
+    run(main())
+
+
+async def raw_connect(address: Address, data: bytes) -> bytes:
+    reader, writer = await asyncio.open_connection(*address)
+    writer.write(data)
+    await writer.drain()
+    try:
+        return await asyncio.wait_for(reader.read(100), 5)
+    except ConnectionResetError:
+        return b""
+    finally:
+        writer.close()
+
+
+@pytest.mark.parametrize(("request_for", "expected"), [
+    (("127.0.0.1", 1, "default/web"), 4),  # a port the endpoint does not serve
+    (("10.1.2.3", 8080, "default/web"), 4),  # not an endpoint
+    (("127.0.0.1", 8080, "default/other"), 4),  # no such Service
+])
+def test_connect_server_is_not_an_open_proxy(request_for: tuple[str, int, str],
+                                             expected: int) -> None:
+    async def main() -> Any:
+        owner = Proxy(config(), node_catalog("b", [("127.0.0.1", 8080, "b"),
+                                                   ("10.9.9.9", 8080, "c")]))
+        async with running(owner):
+            connect = MeshConnectServer(lambda: owner.catalog, owner.adopt, owner.metrics)
+            await connect.start(("127.0.0.1", 0))
+            assert connect.address is not None
+            answer = await raw_connect(connect.address,
+                                       encode_request(ConnectRequest(*request_for)))
+            other_node = await raw_connect(connect.address, encode_request(
+                ConnectRequest("10.9.9.9", 8080, "default/web")))  # c's pod, not ours
+            garbage = await raw_connect(connect.address, b"GET / HTTP/1.1\r\n\r\n")
+            await connect.stop()
+            return answer, other_node, garbage
+
+    answer, other_node, garbage = run(main())
+    assert parse_reply(answer).value == expected
+    assert parse_reply(other_node).value == 4
+    assert garbage in (b"", b"EW\x01\x05")

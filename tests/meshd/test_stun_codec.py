@@ -16,8 +16,10 @@ from meshd.stun.codec import (
     MappedAddress,
     MessageClass,
     Method,
+    Nonce,
     OtherAddress,
     Padding,
+    Realm,
     ResponseOrigin,
     ResponsePort,
     Software,
@@ -116,7 +118,9 @@ def test_sample_responses(vector: bytes, mapped: tuple[str, int]) -> None:
 def test_sample_long_term_request() -> None:
     msg = parse_message(SAMPLE_LONG_TERM_REQUEST)
     assert msg.get(Username) == Username("\u30de\u30c8\u30ea\u30c3\u30af\u30b9")
-    assert set(msg.unknown_required) == {0x0014, 0x0015}  # REALM, NONCE
+    assert msg.get(Realm) == Realm("example.org")
+    assert msg.get(Nonce) == Nonce(b"f//499k954d6OL34oL9FSTvy64sA")
+    assert msg.unknown_required == ()
     assert not msg.fingerprint
     # The password "The<U+00AD>M<U+00AA>tr<U+2168>" after SASLprep is "TheMatrIX".
     key = long_term_key("\u30de\u30c8\u30ea\u30c3\u30af\u30b9", "example.org", "TheMatrIX")

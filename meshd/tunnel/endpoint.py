@@ -1,0 +1,199 @@
+"""All tunnel sessions of one node, behind one demultiplexer. Sans-I/O.
+
+Datagrams from every peer arrive on the same socket (direct paths and the relay alike). Data and
+handshake responses carry a receiver index that this node chose, so one table lookup finds the
+session. An initiation carries no index of ours: the endpoint decrypts it with the node's static
+key, verifies the initiator's certificate, and hands it to the session for that node, creating
+the session when the node is new (`accept_unknown_peers`). The responder thereby learns who the
+initiator is from the handshake alone.
+
+    datagram --type--> 0xE3 data / 0xE2 response --receiver index--> session.receive_batch
+                       0xE1 initiation --decrypt + verify--> node --> session.accept_initiation
+                       anything else --> Rejected(malformed)
+
+Consecutive datagrams for one session are handed over as one batch.
+"""
+
+from __future__ import annotations
+
+import random
+import struct
+from collections.abc import Iterable, Sequence
+
+from meshd.tunnel.identity import LocalIdentity, Peer, PeerVerifier
+from meshd.tunnel.session import (
+    Event,
+    HandshakeRefused,
+    IndexTable,
+    Rejected,
+    RejectReason,
+    TunnelConfig,
+    TunnelSession,
+    open_initiation,
+)
+from meshd.tunnel.wire import TYPE_DATA, TYPE_INITIATION, TYPE_RESPONSE
+
+_INDEX = struct.Struct("!I")
+_RECEIVER_OFFSET = {TYPE_DATA: 1, TYPE_RESPONSE: 5}
+
+
+class TunnelEndpoint:
+    """This node's sessions, keyed by peer node name."""
+
+    def __init__(
+        self,
+        local: LocalIdentity,
+        verifier: PeerVerifier,
+        *,
+        config: TunnelConfig | None = None,
+        rng: random.Random | None = None,
+        wall_offset: float = 0.0,
+        accept_unknown_peers: bool = True,
+    ) -> None:
+        self.local = local
+        self.config = config or TunnelConfig()
+        self.accept_unknown_peers = accept_unknown_peers
+        """Create a session for a verified initiator we had no session for."""
+        self._verifier = verifier
+        self._rng = rng if rng is not None else random.Random()
+        self._wall_offset = wall_offset
+        self._indexes = IndexTable(self._rng)
+        self._sessions: dict[str, TunnelSession] = {}
+        self.rejected: dict[RejectReason, int] = {}
+        """Datagrams dropped before any session could be told, per reason."""
+
+    # -- peers -----------------------------------------------------------------------------------
+
+    def add_peer(self, peer: Peer) -> TunnelSession:
+        """The session for `peer` (created if new; a changed static key is taken over)."""
+        session = self._sessions.get(peer.node)
+        if session is None:
+            session = TunnelSession(
+                self.local, peer, self._verifier, config=self.config, rng=self._rng,
+                wall_offset=self._wall_offset, indexes=self._indexes,
+            )
+            self._sessions[peer.node] = session
+        else:
+            session.update_peer(peer)
+        return session
+
+    def remove_peer(self, node: str) -> None:
+        """Forget a node's session and keys."""
+        session = self._sessions.pop(node, None)
+        if session is not None:
+            session.close()
+
+    def session(self, node: str) -> TunnelSession | None:
+        return self._sessions.get(node)
+
+    @property
+    def sessions(self) -> dict[str, TunnelSession]:
+        """Sessions by peer node name (read-only use)."""
+        return self._sessions
+
+    # -- the sans-I/O surface --------------------------------------------------------------------
+
+    def encrypt(self, node: str, packets: Sequence[bytes], now: float) -> list[bytes]:
+        """Transport datagrams for packets to `node` (which must have been added)."""
+        return self._sessions[node].encrypt(packets, now)
+
+    def receive(self, datagram: bytes, now: float) -> list[Event]:
+        return self.receive_batch((datagram,), now)
+
+    def receive_batch(self, datagrams: Iterable[bytes], now: float) -> list[Event]:
+        """Route datagrams to their sessions; events of all sessions, in order."""
+        events: list[Event] = []
+        run: list[bytes] = []
+        run_session: TunnelSession | None = None
+        owner = self._indexes.owner
+        unpack = _INDEX.unpack_from
+        for datagram in datagrams:
+            kind = datagram[0] if datagram else -1
+            offset = _RECEIVER_OFFSET.get(kind)
+            if offset is not None and len(datagram) >= offset + 4:
+                session = owner(unpack(datagram, offset)[0])
+                if session is None:
+                    self._drop(events, RejectReason.UNKNOWN_INDEX, "")
+                    continue
+                if session is not run_session and run:
+                    assert run_session is not None
+                    events.extend(run_session.receive_batch(run, now))
+                    run = []
+                run_session = session
+                run.append(datagram)
+                continue
+            if run:
+                assert run_session is not None
+                events.extend(run_session.receive_batch(run, now))
+                run, run_session = [], None
+            if kind == TYPE_INITIATION:
+                events.extend(self._initiation(datagram, now))
+            else:
+                self._drop(events, RejectReason.MALFORMED, "not a tunnel message")
+        if run:
+            assert run_session is not None
+            events.extend(run_session.receive_batch(run, now))
+        return _merge_rejections(events)
+
+    def _initiation(self, datagram: bytes, now: float) -> list[Event]:
+        try:
+            opened = open_initiation(
+                self.local, self._verifier, datagram, now + self._wall_offset
+            )
+        except HandshakeRefused as exc:
+            events: list[Event] = []
+            self._drop(events, exc.reason, exc.detail)
+            return events
+        session = self._sessions.get(opened.node)
+        if session is None:
+            if not self.accept_unknown_peers:
+                events = []
+                self._drop(events, RejectReason.WRONG_PEER, f"unknown node {opened.node}")
+                return events
+            session = self.add_peer(Peer(opened.node, opened.static_public))
+        return session.accept_initiation(opened, now)
+
+    def _drop(self, events: list[Event], reason: RejectReason, detail: str) -> None:
+        self.rejected[reason] = self.rejected.get(reason, 0) + 1
+        events.append(Rejected(None, reason, 1, detail))
+
+    def datagrams_to_send(self, now: float) -> list[tuple[str, bytes]]:
+        """(peer node, datagram) pairs that every session wants sent; the caller picks the path
+        to that node."""
+        out: list[tuple[str, bytes]] = []
+        for node, session in self._sessions.items():
+            out.extend((node, d) for d in session.datagrams_to_send(now))
+        return out
+
+    def get_timer(self) -> float | None:
+        timers = [t for s in self._sessions.values() if (t := s.get_timer()) is not None]
+        return min(timers) if timers else None
+
+    def handle_timer(self, now: float) -> list[Event]:
+        events: list[Event] = []
+        for session in list(self._sessions.values()):
+            timer = session.get_timer()
+            if timer is not None and now >= timer:
+                events.extend(session.handle_timer(now))
+        return events
+
+
+def _merge_rejections(events: list[Event]) -> list[Event]:
+    """One Rejected event per (peer, reason) for the whole batch, in first-seen place."""
+    if sum(isinstance(e, Rejected) for e in events) < 2:
+        return events
+    merged: list[Event] = []
+    seen: dict[tuple[str | None, RejectReason], int] = {}
+    for e in events:
+        if not isinstance(e, Rejected):
+            merged.append(e)
+            continue
+        key = (e.peer, e.reason)
+        if key not in seen:
+            seen[key] = len(merged)
+            merged.append(e)
+            continue
+        first = merged[seen[key]]
+        assert isinstance(first, Rejected)
+        merged[seen[key]] = Rejected(e.peer, e.reason, first.count + e.count, e.detail)
+    return merged

@@ -1,0 +1,250 @@
+"""The tunnel's datagrams and handshake payload: pure parse/encode functions.
+
+Every tunnel datagram starts with one type byte in 0xE0..0xEF. RFC 7983 (§7) demultiplexes one
+UDP socket by the first byte: 0..3 STUN, 16..19 ZRTP, 20..63 DTLS, 64..79 TURN ChannelData
+(0x40..0x7F with RFC 5766's channel range), 128..191 RTP/RTCP; 0xE0..0xEF is none of them, so the
+tunnel shares the ICE socket with STUN and the relay. (RFC 9443 gives 192..255 to QUIC long
+headers; meshd runs no QUIC on that socket.)
+
+Byte layouts (sizes under each field; integers are big-endian):
+
+Handshake initiation, Noise IK message 1 (`meshd.tunnel.noise`):
+
+    +------+--------------+-----------------+--------------------+-------------------------+
+    | 0xE1 | sender index | ephemeral key e | AEAD(static key s) | AEAD(handshake payload) |
+    +------+--------------+-----------------+--------------------+-------------------------+
+       1          4                32             32 + 16                 n + 16
+
+Handshake response, Noise IK message 2:
+
+    +------+--------------+----------------+-----------------+-------------------------+
+    | 0xE2 | sender index | receiver index | ephemeral key e | AEAD(handshake payload) |
+    +------+--------------+----------------+-----------------+-------------------------+
+       1          4               4                32                  n + 16
+
+Transport data: one whole IP packet, or nothing (a keepalive):
+
+    +------+----------------+-----------+-------------------------------------+
+    | 0xE3 | receiver index |  counter  | ChaCha20-Poly1305(packet) ... | tag |
+    +------+----------------+-----------+-------------------------------------+
+       1           4              8                     n + 16
+
+Indexes are chosen by the receiver of later messages (the *sender index* of a handshake message
+is what the peer puts in *receiver index* afterwards), so a datagram finds its keys with one
+lookup and reveals nothing about the node. The counter is the AEAD nonce (Noise's 32 zero bits
++ 64-bit little-endian counter); the header itself is not AD: altering the type, index or counter
+selects another key or nonce and fails authentication just the same.
+
+Handshake payload (inside the Noise encryption, so only the peer sees it):
+
+    +---------+--------+----------+-----------+---------+-------------+-----------+
+    | version | family | cert len | timestamp | overlay | certificate | signature |
+    |   = 1   | 4 or 6 |          |  ns, Unix | address |    (DER)    | (the rest)|
+    +---------+--------+----------+-----------+---------+-------------+-----------+
+         1         1         2          8       4 or 16    cert len      1..512
+
+The overlay address is the one the sender claims; the certificate is its node certificate from
+the cluster CA; the signature, by the certificate's key, covers the sender's Noise static key and
+the overlay address (`meshd.tunnel.identity.attestation_message`). The timestamp only grows:
+a responder refuses an initiation not newer than the last one it accepted from that key.
+
+Any bytes given to a `parse_*` function either parse or raise `TunnelParseError` (a remote
+error: drop the datagram). Bad values given to an `encode_*` function raise `ValueError`.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import struct
+from dataclasses import dataclass
+from enum import IntEnum
+
+from meshd.tunnel.noise import MESSAGE1_OVERHEAD, MESSAGE2_OVERHEAD, TAGLEN
+
+OverlayAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+"""A node's address on the mesh (TUN `mesh0`)."""
+
+FIRST_BYTE_RANGE = range(0xE0, 0xF0)
+"""Tunnel datagrams start with one of these bytes (free in RFC 7983's demultiplexing)."""
+
+
+class MessageType(IntEnum):
+    """The first byte of a tunnel datagram."""
+
+    INITIATION = 0xE1
+    RESPONSE = 0xE2
+    DATA = 0xE3
+
+
+TYPE_INITIATION = MessageType.INITIATION.value
+TYPE_RESPONSE = MessageType.RESPONSE.value
+TYPE_DATA = MessageType.DATA.value
+
+INITIATION_HEADER = struct.Struct("!BI")
+RESPONSE_HEADER = struct.Struct("!BII")
+DATA_HEADER = struct.Struct("!BIQ")
+"""Type, receiver index, counter: 13 bytes. The session's hot loop uses this directly."""
+DATA_OVERHEAD = DATA_HEADER.size + TAGLEN
+"""Bytes a transport datagram adds to the packet it carries (29)."""
+
+PAYLOAD_HEADER = struct.Struct("!BBHQ")
+PAYLOAD_VERSION = 1
+MAX_SIGNATURE = 512
+MIN_PAYLOAD = PAYLOAD_HEADER.size + 4 + 1 + 1  # IPv4, one byte of certificate and signature
+MIN_INITIATION = INITIATION_HEADER.size + MESSAGE1_OVERHEAD + MIN_PAYLOAD
+MIN_RESPONSE = RESPONSE_HEADER.size + MESSAGE2_OVERHEAD + MIN_PAYLOAD
+MAX_INDEX = 2**32 - 1
+
+
+class TunnelParseError(Exception):
+    """The peer sent bytes that are not a valid tunnel message (a remote error: drop it)."""
+
+
+@dataclass(frozen=True)
+class Initiation:
+    """A handshake initiation datagram."""
+
+    sender_index: int
+    """The initiator's index for this handshake (the responder sends to it)."""
+    noise_message: bytes
+    """Noise IK message 1."""
+
+
+@dataclass(frozen=True)
+class Response:
+    """A handshake response datagram."""
+
+    sender_index: int
+    """The responder's index for the new keys (the initiator sends to it)."""
+    receiver_index: int
+    """The initiation's sender index."""
+    noise_message: bytes
+    """Noise IK message 2."""
+
+
+@dataclass(frozen=True)
+class DataHeader:
+    """The clear part of a transport data datagram."""
+
+    receiver_index: int
+    """Which of the receiver's keys decrypts it."""
+    counter: int
+    """Per-key message counter, the AEAD nonce."""
+
+
+@dataclass(frozen=True)
+class HandshakePayload:
+    """What each side says about itself inside its (encrypted) handshake message."""
+
+    overlay: OverlayAddress
+    """The overlay address the sender claims."""
+    timestamp_ns: int
+    """Sender's wall clock, strictly increasing per sender (replayed initiations are refused)."""
+    certificate: bytes
+    """The sender's node certificate, DER."""
+    signature: bytes
+    """Signature by the certificate's key over `identity.attestation_message(...)`."""
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.timestamp_ns < 2**64:
+            raise ValueError("timestamp_ns out of range")
+        if not 1 <= len(self.certificate) <= 0xFFFF:
+            raise ValueError("certificate must be 1..65535 bytes")
+        if not 1 <= len(self.signature) <= MAX_SIGNATURE:
+            raise ValueError(f"signature must be 1..{MAX_SIGNATURE} bytes")
+
+
+def _check_index(index: int) -> None:
+    if not 0 <= index <= MAX_INDEX:
+        raise ValueError(f"index out of range: {index}")
+
+
+def message_type(data: bytes) -> MessageType | None:
+    """The tunnel message type of a datagram, or None if it is not one of ours."""
+    if not data or data[0] not in FIRST_BYTE_RANGE:
+        return None
+    try:
+        return MessageType(data[0])
+    except ValueError:
+        return None
+
+
+def encode_initiation(message: Initiation) -> bytes:
+    _check_index(message.sender_index)
+    return INITIATION_HEADER.pack(TYPE_INITIATION, message.sender_index) + message.noise_message
+
+
+def parse_initiation(data: bytes) -> Initiation:
+    if len(data) < MIN_INITIATION or data[0] != TYPE_INITIATION:
+        raise TunnelParseError(f"not a handshake initiation ({len(data)} bytes)")
+    _, sender = INITIATION_HEADER.unpack_from(data)
+    return Initiation(sender, bytes(data[INITIATION_HEADER.size :]))
+
+
+def encode_response(message: Response) -> bytes:
+    _check_index(message.sender_index)
+    _check_index(message.receiver_index)
+    header = RESPONSE_HEADER.pack(TYPE_RESPONSE, message.sender_index, message.receiver_index)
+    return header + message.noise_message
+
+
+def parse_response(data: bytes) -> Response:
+    if len(data) < MIN_RESPONSE or data[0] != TYPE_RESPONSE:
+        raise TunnelParseError(f"not a handshake response ({len(data)} bytes)")
+    _, sender, receiver = RESPONSE_HEADER.unpack_from(data)
+    return Response(sender, receiver, bytes(data[RESPONSE_HEADER.size :]))
+
+
+def encode_data(receiver_index: int, counter: int, ciphertext: bytes) -> bytes:
+    """A transport datagram around an already encrypted packet (the session inlines this)."""
+    _check_index(receiver_index)
+    if not 0 <= counter < 2**64:
+        raise ValueError(f"counter out of range: {counter}")
+    if len(ciphertext) < TAGLEN:
+        raise ValueError("ciphertext shorter than its tag")
+    return DATA_HEADER.pack(TYPE_DATA, receiver_index, counter) + ciphertext
+
+
+def parse_data_header(data: bytes) -> DataHeader:
+    if len(data) < DATA_OVERHEAD or data[0] != TYPE_DATA:
+        raise TunnelParseError(f"not a transport datagram ({len(data)} bytes)")
+    _, receiver, counter = DATA_HEADER.unpack_from(data)
+    return DataHeader(receiver, counter)
+
+
+def data_ciphertext(data: bytes) -> bytes:
+    """The AEAD ciphertext (with its tag) of a transport datagram."""
+    return data[DATA_HEADER.size :]
+
+
+def encode_payload(payload: HandshakePayload) -> bytes:
+    family = 4 if payload.overlay.version == 4 else 6
+    header = PAYLOAD_HEADER.pack(
+        PAYLOAD_VERSION, family, len(payload.certificate), payload.timestamp_ns
+    )
+    return header + payload.overlay.packed + payload.certificate + payload.signature
+
+
+def parse_payload(data: bytes) -> HandshakePayload:
+    if len(data) < PAYLOAD_HEADER.size:
+        raise TunnelParseError("handshake payload too short")
+    version, family, cert_len, timestamp = PAYLOAD_HEADER.unpack_from(data)
+    if version != PAYLOAD_VERSION:
+        raise TunnelParseError(f"unknown handshake payload version {version}")
+    if family not in (4, 6):
+        raise TunnelParseError(f"unknown address family {family}")
+    start = PAYLOAD_HEADER.size
+    addr_len = 4 if family == 4 else 16
+    cert_start = start + addr_len
+    sig_start = cert_start + cert_len
+    sig_len = len(data) - sig_start
+    if cert_len == 0 or not 1 <= sig_len <= MAX_SIGNATURE:
+        raise TunnelParseError("handshake payload lengths do not add up")
+    raw = bytes(data[start:cert_start])
+    overlay: OverlayAddress = (
+        ipaddress.IPv4Address(raw) if family == 4 else ipaddress.IPv6Address(raw)
+    )
+    return HandshakePayload(
+        overlay, timestamp, bytes(data[cert_start:sig_start]), bytes(data[sig_start:])
+    )
+

@@ -1,0 +1,377 @@
+"""The asyncio adapter for `TurnServer` + `StunServer`: sockets in, core calls, sockets out.
+
+    service = await TurnService.start(config, primary_ip="127.0.0.1", port=0, alt_port=0)
+    service.addresses, service.tcp_address   # real ports when 0 was asked for
+    ...
+    service.close()
+
+Sockets: the STUN/TURN listening sockets (primary IP × {port, alt port}, and the alternate IP's
+two when given; RFC 5780 Binding works on all of them, TURN requests too), a TCP listener on
+the primary address for TURN over TCP (RFC 8656 §3.1, stream framing §12.5), and one UDP socket
+per relayed address, bound synchronously when the core asks (`RelayPorts`) and read with
+`add_reader` in batches. One timer, re-armed to `TurnServer.get_timer()`. No decisions here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import socket
+import time
+from collections.abc import Callable, Iterable
+
+from aiohttp import web
+
+from edgeweave.log import event
+from meshd.stun.server import DEFAULT_SOFTWARE, ServerAddresses, StunServer
+from meshd.turn.server import (
+    FiveTuple,
+    Output,
+    StreamClose,
+    StreamWrite,
+    Transport,
+    TurnServer,
+    TurnServerConfig,
+)
+from meshd.udp import Address, BindError, Transmit, UdpSocket, canonical, format_address, open_udp
+
+log = logging.getLogger("meshd.turn")
+
+_EPHEMERAL_ATTEMPTS = 8  # port 0: the UDP port picked may be taken on the other IP or for TCP
+_ROLES = ("primary", "alt-port", "alt-ip", "alt-ip-alt-port")
+_READ_BATCH = 64  # datagrams read per wake-up of a relayed socket
+_TCP_WRITE_LIMIT = 1 << 20  # drop relayed data for a TCP client that stopped reading
+# Linux <linux/in.h>, <linux/in6.h> (Python 3.11's socket module lacks the names).
+_IP_MTU_DISCOVER, _IPV6_MTU_DISCOVER, _PMTUDISC_DO = 10, 23, 2
+
+
+class _PickAgain(BindError):
+    """A port number picked by the kernel for one socket is taken for another: retry."""
+
+
+class _RelaySockets:
+    """`RelayPorts` over real non-blocking UDP sockets."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop,
+                 on_datagram: Callable[[bytes, Address, Address], None]) -> None:
+        self._loop = loop
+        self._on_datagram = on_datagram
+        self._sockets: dict[Address, socket.socket] = {}
+        self._reported: set[int] = set()  # errnos already logged (one warning each)
+        self.send_errors = 0
+        """Datagrams the kernel refused to send (buffer full, unreachable, ...)."""
+
+    def open(self, address: Address) -> bool:
+        family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_DGRAM)
+        try:
+            sock.setblocking(False)
+            sock.bind(address)
+        except OSError as exc:
+            sock.close()
+            if exc.errno != errno.EADDRINUSE and exc.errno not in self._reported:
+                self._reported.add(exc.errno or 0)
+                event(log, logging.WARNING, "turn.relay_bind", address=format_address(address),
+                      error=exc.strerror or exc)
+            return False
+        self._sockets[address] = sock
+        self._loop.add_reader(sock.fileno(), self._readable, address, sock)
+        return True
+
+    def set_dont_fragment(self, address: Address) -> None:
+        sock = self._sockets[address]
+        try:
+            if sock.family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, _IPV6_MTU_DISCOVER, _PMTUDISC_DO)
+            else:
+                sock.setsockopt(socket.IPPROTO_IP, _IP_MTU_DISCOVER, _PMTUDISC_DO)
+        except OSError as exc:  # not Linux
+            event(log, logging.DEBUG, "turn.dont_fragment", address=format_address(address),
+                  error=exc)
+
+    def close(self, address: Address) -> None:
+        sock = self._sockets.pop(address)
+        self._loop.remove_reader(sock.fileno())
+        sock.close()
+
+    def send(self, source: Address, data: bytes, destination: Address) -> None:
+        sock = self._sockets.get(source)
+        if sock is None:
+            return
+        try:
+            sock.sendto(data, destination)
+        except OSError:
+            self.send_errors += 1
+
+    def close_all(self) -> None:
+        for address in list(self._sockets):
+            self.close(address)
+
+    def _readable(self, address: Address, sock: socket.socket) -> None:
+        for _ in range(_READ_BATCH):
+            try:
+                data, source = sock.recvfrom(65536)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                continue  # an ICMP error reported on this socket; read on
+            self._on_datagram(data, canonical(source), address)
+            if address not in self._sockets:
+                return  # the core closed it meanwhile
+
+
+class _TcpClient(asyncio.Protocol):
+    """One TURN-over-TCP client connection."""
+
+    def __init__(self, service: TurnService, listening: Address) -> None:
+        self._service = service
+        self._listening = listening
+        self.flow: FiveTuple | None = None
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        peer = canonical(transport.get_extra_info("peername"))
+        self.flow = FiveTuple(Transport.TCP, peer, self._listening)
+        self._service._connections[self.flow] = self
+
+    def data_received(self, data: bytes) -> None:
+        assert self.flow is not None
+        self._service._stream(self.flow, data)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.flow is not None:
+            self._service._lost(self.flow)
+
+    def write(self, data: bytes) -> None:
+        if self.transport is None or self.transport.is_closing():
+            return
+        if self.transport.get_write_buffer_size() > _TCP_WRITE_LIMIT:
+            self._service.tcp_dropped += 1
+            return
+        self.transport.write(data)
+
+
+class TurnService:
+    """A running STUN + TURN server: the two cores and their sockets."""
+
+    def __init__(self, clock: Callable[[], float] = time.time) -> None:
+        self.server: TurnServer | None = None
+        """The TURN core; None until every socket is bound."""
+        self.stun: StunServer | None = None
+        """The STUN core it composes."""
+        self.tcp_address: Address | None = None
+        """The TCP listener's address, if TURN over TCP is on."""
+        self.tcp_dropped = 0
+        """Frames dropped for TCP clients whose send buffer was full."""
+        self._clock = clock
+        self._loop = asyncio.get_running_loop()
+        self._udp: dict[Address, UdpSocket] = {}
+        self._tcp_server: asyncio.Server | None = None
+        self._connections: dict[FiveTuple, _TcpClient] = {}
+        self._relays = _RelaySockets(self._loop, self._datagram)
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at: float | None = None
+
+    @property
+    def addresses(self) -> ServerAddresses:
+        """The STUN/TURN listening addresses (real port numbers)."""
+        assert self.stun is not None, "TurnService.start() has not finished"
+        return self.stun.addresses
+
+    @classmethod
+    async def start(
+        cls,
+        config: TurnServerConfig,
+        *,
+        primary_ip: str,
+        alt_ip: str | None = None,
+        port: int = 3478,
+        alt_port: int = 3479,
+        tcp: bool = True,
+        software: str = DEFAULT_SOFTWARE,
+        clock: Callable[[], float] = time.time,
+    ) -> TurnService:
+        """Bind every socket and start serving. Port 0 picks free ports (the same numbers on
+        both IPs and for TCP). Raises `BindError` naming the address at fault."""
+        for attempt in range(_EPHEMERAL_ATTEMPTS):
+            service = cls(clock)
+            try:
+                await service._bind(config, primary_ip, alt_ip, port, alt_port, tcp, software)
+            except _PickAgain as exc:
+                service.close()
+                if attempt + 1 < _EPHEMERAL_ATTEMPTS:
+                    continue
+                raise BindError(str(exc), exc.errno) from None
+            except BindError:
+                service.close()
+                raise
+            except BaseException:
+                service.close()
+                raise
+            for role, address in zip(_ROLES, service.addresses.sockets, strict=False):
+                event(log, logging.INFO, "stun.listen", address=format_address(address), role=role)
+            if service.tcp_address is not None:
+                event(log, logging.INFO, "turn.listen",
+                      address=format_address(service.tcp_address), transport="tcp")
+            event(log, logging.INFO, "turn.relay", ip=config.relay_ip,
+                  advertised=config.external_ip or config.relay_ip,
+                  ports=f"{config.min_port}-{config.max_port}", realm=config.realm)
+            return service
+        raise AssertionError("unreachable")
+
+    async def _bind(self, config: TurnServerConfig, primary_ip: str, alt_ip: str | None,
+                    port: int, alt_port: int, tcp: bool, software: str) -> None:
+        main = await self._open((primary_ip, port))
+        alt = await self._open((primary_ip, alt_port))
+        # A number the kernel picked on the first socket may be taken on the others: then
+        # start over with new numbers (_PickAgain); a port the operator chose is final.
+        picked = (port == 0, alt_port == 0)
+        port, alt_port = main.address[1], alt.address[1]
+        if alt_ip is not None:
+            await self._open((alt_ip, port), picked=picked[0])
+            await self._open((alt_ip, alt_port), picked=picked[1])
+        if tcp:
+            await self._listen_tcp(main.address, picked=picked[0])
+        self._probe_relay_ip(config.relay_ip)
+        addresses = ServerAddresses(main.address[0], port, alt_port, alt_ip)
+        self.stun = StunServer(addresses, software=software)
+        self.server = TurnServer(config, self._relays, stun=self.stun)
+
+    @staticmethod
+    def _probe_relay_ip(ip: str) -> None:
+        """Fail at start, not at every Allocate, when the relay IP is not ours."""
+        family = socket.AF_INET6 if ":" in ip else socket.AF_INET
+        with socket.socket(family, socket.SOCK_DGRAM) as probe:
+            try:
+                probe.bind((ip, 0))
+            except OSError as exc:
+                raise BindError(f"cannot bind UDP {format_address((ip, 0))} (relay IP): "
+                                f"{exc.strerror or exc}", exc.errno) from None
+
+    async def _open(self, local: Address, *, picked: bool = False) -> UdpSocket:
+        try:
+            sock = await open_udp(local,
+                                  lambda data, source: self._datagram(data, source, bound))
+        except BindError as exc:
+            if picked and exc.errno == errno.EADDRINUSE:
+                raise _PickAgain(str(exc), exc.errno) from None
+            raise
+        bound = sock.address
+        self._udp[bound] = sock
+        return sock
+
+    async def _listen_tcp(self, address: Address, *, picked: bool) -> None:
+        try:
+            self._tcp_server = await self._loop.create_server(
+                lambda: _TcpClient(self, address), host=address[0], port=address[1],
+                reuse_address=True)
+        except OSError as exc:
+            reason = exc.strerror or str(exc)
+            kind = _PickAgain if picked and exc.errno == errno.EADDRINUSE else BindError
+            raise kind(f"cannot listen on TCP {format_address(address)}: {reason}",
+                       exc.errno) from None
+        self.tcp_address = address
+
+    # --- core calls -------------------------------------------------------------------------------
+
+    def _datagram(self, data: bytes, source: Address, local: Address) -> None:
+        if self.server is None:
+            return
+        self._emit(self.server.handle_datagram(data, source, local, self._clock()))
+
+    def _stream(self, flow: FiveTuple, data: bytes) -> None:
+        if self.server is not None:
+            self._emit(self.server.stream_received(flow, data, self._clock()))
+
+    def _lost(self, flow: FiveTuple) -> None:
+        self._connections.pop(flow, None)
+        if self.server is not None:
+            self.server.connection_lost(flow, self._clock())
+            self._rearm()
+
+    def _on_timer(self) -> None:
+        self._timer = self._timer_at = None
+        if self.server is not None:
+            self.server.handle_timer(self._clock())
+            self._rearm()
+
+    def _emit(self, outputs: Iterable[Output]) -> None:
+        for out in outputs:
+            if isinstance(out, Transmit):
+                listening = self._udp.get(out.source)
+                if listening is not None:
+                    listening.send(out.data, out.destination)
+                else:
+                    self._relays.send(out.source, out.data, out.destination)
+            elif isinstance(out, StreamWrite):
+                connection = self._connections.get(out.flow)
+                if connection is not None:
+                    connection.write(out.data)
+            elif isinstance(out, StreamClose):
+                connection = self._connections.get(out.flow)
+                if connection is not None and connection.transport is not None:
+                    event(log, logging.INFO, "turn.tcp_close",
+                          client=format_address(out.flow.client), reason=out.reason)
+                    connection.transport.close()
+        self._rearm()
+
+    def _rearm(self) -> None:
+        assert self.server is not None
+        deadline = self.server.get_timer()
+        if deadline is None or (self._timer_at is not None and self._timer_at <= deadline):
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer_at = deadline
+        self._timer = self._loop.call_later(max(0.0, deadline - self._clock()), self._on_timer)
+
+    def close(self) -> None:
+        """Close every socket and connection (idempotent). Allocations end with the process."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = self._timer_at = None
+        for connection in list(self._connections.values()):
+            if connection.transport is not None:
+                connection.transport.abort()
+        self._connections.clear()
+        if self._tcp_server is not None:
+            self._tcp_server.close()
+            self._tcp_server = None
+        for sock in self._udp.values():
+            sock.close()
+        self._udp.clear()
+        self._relays.close_all()
+
+
+Samples = list[tuple[str, dict[str, str], int]]
+"""Prometheus samples: (name, labels, value)."""
+
+
+async def start_metrics(host: str, port: int, samples: Callable[[], Samples]) -> web.AppRunner:
+    """Serve `GET /metrics` (Prometheus text) and `/healthz` on `host:port` (0: any port; see
+    `runner.addresses`). Raises `BindError`."""
+    from meshd.status import prometheus_samples
+
+    async def metrics(_: web.Request) -> web.Response:
+        return web.Response(text=prometheus_samples(samples()),
+                            headers={"Content-Type": "text/plain; version=0.0.4"})
+
+    async def healthz(_: web.Request) -> web.Response:
+        return web.Response(text="ok")
+
+    app = web.Application()
+    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/healthz", healthz)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, host, port).start()
+    except OSError as exc:
+        await runner.cleanup()
+        where = format_address((host, port)) if ":" not in host else f"[{host}]:{port}"
+        raise BindError(f"cannot listen on TCP {where} (metrics): {exc.strerror or exc}",
+                        exc.errno) from None
+    return runner

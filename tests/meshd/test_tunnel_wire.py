@@ -1,0 +1,162 @@
+"""meshd.tunnel.wire: layouts byte by byte, round trips, and garbage in every shape."""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import struct
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from meshd.tunnel.noise import MESSAGE1_OVERHEAD, MESSAGE2_OVERHEAD
+from meshd.tunnel.wire import (
+    DATA_OVERHEAD,
+    FIRST_BYTE_RANGE,
+    MIN_INITIATION,
+    MIN_RESPONSE,
+    DataHeader,
+    HandshakePayload,
+    Initiation,
+    MessageType,
+    Response,
+    TunnelParseError,
+    data_ciphertext,
+    encode_data,
+    encode_initiation,
+    encode_payload,
+    encode_response,
+    message_type,
+    parse_data_header,
+    parse_initiation,
+    parse_payload,
+    parse_response,
+)
+
+V4 = ipaddress.IPv4Address("100.64.0.7")
+V6 = ipaddress.IPv6Address("fd00:6d65:7368::7")
+PAYLOAD = HandshakePayload(V4, 1_772_366_400_000_000_000, b"C" * 500, b"S" * 71)
+
+
+def test_types_stay_clear_of_stun_dtls_turn_and_rtp() -> None:
+    # RFC 7983 §7: STUN 0..3, ZRTP 16..19, DTLS 20..63, TURN ChannelData 64..79 (RFC 5766
+    # channels reach 0x7F), RTP/RTCP 128..191.
+    taken = {*range(0, 4), *range(16, 20), *range(20, 64), *range(0x40, 0x80), *range(128, 192)}
+    assert all(t.value in FIRST_BYTE_RANGE for t in MessageType)
+    assert not taken & set(FIRST_BYTE_RANGE)
+    assert message_type(b"\xe3") is MessageType.DATA
+    assert message_type(b"\x00\x01") is None  # a STUN binding request
+    assert message_type(b"\x40\x00") is None  # TURN ChannelData
+    assert message_type(b"\xef") is None  # ours, but unassigned
+    assert message_type(b"") is None
+
+
+def test_data_layout() -> None:
+    datagram = encode_data(0x01020304, 0x0A0B0C0D0E0F1011, b"x" * 20)
+    assert datagram[:13] == bytes.fromhex("e3" "01020304" "0a0b0c0d0e0f1011")
+    assert DATA_OVERHEAD == 29
+    assert parse_data_header(datagram) == DataHeader(0x01020304, 0x0A0B0C0D0E0F1011)
+    assert data_ciphertext(datagram) == b"x" * 20
+    with pytest.raises(ValueError):
+        encode_data(2**32, 0, b"x" * 16)
+    with pytest.raises(ValueError):
+        encode_data(0, 2**64, b"x" * 16)
+    with pytest.raises(ValueError):
+        encode_data(0, 0, b"x" * 15)
+    for short in range(DATA_OVERHEAD):
+        with pytest.raises(TunnelParseError):
+            parse_data_header(datagram[:short])
+
+
+def test_handshake_layouts() -> None:
+    noise1 = b"n" * (MESSAGE1_OVERHEAD + 100)
+    datagram = encode_initiation(Initiation(0xDEADBEEF, noise1))
+    assert datagram[:5] == bytes.fromhex("e1deadbeef")
+    assert parse_initiation(datagram) == Initiation(0xDEADBEEF, noise1)
+    noise2 = b"m" * (MESSAGE2_OVERHEAD + 100)
+    datagram = encode_response(Response(1, 2, noise2))
+    assert datagram[:9] == bytes.fromhex("e2" "00000001" "00000002")
+    assert parse_response(datagram) == Response(1, 2, noise2)
+    with pytest.raises(TunnelParseError):
+        parse_response(encode_initiation(Initiation(1, noise1)))
+    with pytest.raises(TunnelParseError):
+        parse_initiation(encode_response(Response(1, 2, noise1)))
+    with pytest.raises(ValueError):
+        encode_response(Response(-1, 2, noise2))
+
+
+def test_payload_layout_v4_and_v6() -> None:
+    raw = encode_payload(PAYLOAD)
+    assert raw[:4] == bytes([1, 4]) + struct.pack("!H", 500)
+    assert raw[4:12] == struct.pack("!Q", PAYLOAD.timestamp_ns)
+    assert raw[12:16] == V4.packed
+    assert parse_payload(raw) == PAYLOAD
+    v6 = HandshakePayload(V6, 0, b"c", b"s")
+    raw6 = encode_payload(v6)
+    assert raw6[1] == 6 and raw6[12:28] == V6.packed
+    assert parse_payload(raw6) == v6
+
+
+def test_payload_rejects_wrong_version_family_and_lengths() -> None:
+    raw = bytearray(encode_payload(PAYLOAD))
+    for offset, value in [(0, 2), (1, 5)]:
+        bad = bytearray(raw)
+        bad[offset] = value
+        with pytest.raises(TunnelParseError):
+            parse_payload(bytes(bad))
+    with pytest.raises(TunnelParseError):  # certificate length pointing past the end
+        parse_payload(bytes(raw[:2]) + struct.pack("!H", 0xFFFF) + bytes(raw[4:]))
+    with pytest.raises(TunnelParseError):  # no signature left
+        parse_payload(bytes(raw[: 16 + 500]))
+    with pytest.raises(TunnelParseError):  # signature too long
+        parse_payload(bytes(raw) + b"S" * 512)
+    invalid = [(-1, b"c", b"s"), (0, b"", b"s"), (0, b"c", b""), (0, b"c" * 70000, b"s")]
+    for ts, cert, sig in invalid:
+        with pytest.raises(ValueError):
+            HandshakePayload(V4, ts, cert, sig)
+
+
+def test_every_truncation_of_a_payload_is_refused() -> None:
+    raw = encode_payload(PAYLOAD)
+    cut_points = range(len(raw) - len(PAYLOAD.signature))  # shorter signatures still parse
+    for cut in cut_points:
+        with pytest.raises(TunnelParseError):
+            parse_payload(raw[:cut])
+
+
+def test_handshakes_shorter_than_the_smallest_possible_are_refused() -> None:
+    # The smallest payload: IPv4, one byte of certificate, one of signature.
+    init = encode_initiation(Initiation(7, b"n" * (MESSAGE1_OVERHEAD + 12 + 4 + 2)))
+    resp = encode_response(Response(7, 8, b"m" * (MESSAGE2_OVERHEAD + 12 + 4 + 2)))
+    assert len(init) == MIN_INITIATION and len(resp) == MIN_RESPONSE
+    assert parse_initiation(init).sender_index == 7
+    assert parse_response(resp).receiver_index == 8
+    for cut in range(len(init)):
+        with pytest.raises(TunnelParseError):
+            parse_initiation(init[:cut])
+    for cut in range(len(resp)):
+        with pytest.raises(TunnelParseError):
+            parse_response(resp[:cut])
+
+
+@settings(max_examples=500)
+@given(st.binary(max_size=700))
+def test_garbage_parses_or_raises_the_remote_error(data: bytes) -> None:
+    for parse in (parse_initiation, parse_response, parse_data_header, parse_payload):
+        with contextlib.suppress(TunnelParseError):
+            parse(data)
+
+
+@settings(max_examples=300)
+@given(
+    st.sampled_from([V4, V6]),
+    st.integers(0, 2**64 - 1),
+    st.binary(min_size=1, max_size=2000),
+    st.binary(min_size=1, max_size=512),
+)
+def test_payload_round_trip(
+    overlay: ipaddress.IPv4Address | ipaddress.IPv6Address, ts: int, cert: bytes, sig: bytes
+) -> None:
+    payload = HandshakePayload(overlay, ts, cert, sig)
+    assert parse_payload(encode_payload(payload)) == payload

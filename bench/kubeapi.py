@@ -281,7 +281,14 @@ def start_edgeweave(data: Path) -> tuple[subprocess.Popen[bytes], str, ssl.SSLCo
             "127.0.0.1", "--api-port", str(port), "--log-level", "warning"]
     proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL)
     wait_tcp(port, proc, "cloudcore")
-    return proc, f"https://127.0.0.1:{port}", kubeconfig_context(data / "admin.kubeconfig")
+    # cloudcore writes the kubeconfig just after its listener is up: wait for it too.
+    kubeconfig = data / "admin.kubeconfig"
+    deadline = time.monotonic() + 30
+    while not kubeconfig.exists():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"cloudcore wrote no {kubeconfig} (exit code {proc.poll()})")
+        time.sleep(0.05)
+    return proc, f"https://127.0.0.1:{port}", kubeconfig_context(kubeconfig)
 
 
 def kubeconfig_context(path: Path) -> ssl.SSLContext:

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
-from bench import kubeapi
+from bench import dns, kubeapi, proxy
 from bench.harness import Suite
 
 SUITES: dict[str, Suite] = {
     "kubeapi": Suite("kubeapi", "embedded Kubernetes API vs etcd: writes, lists, watch fan-out",
                      kubeapi.run),
+    "dns": Suite("dns", "meshd cluster DNS vs dnsmasq: dnsperf queries/s and per-query latency",
+                 dns.run),
+    "proxy": Suite("proxy", "meshd proxy vs haproxy and socat (and no proxy): iperf3 "
+                   "throughput, sockperf TCP round trips", proxy.run),
 }

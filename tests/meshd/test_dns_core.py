@@ -320,6 +320,22 @@ def test_large_answer_truncated_over_udp_full_over_tcp() -> None:
     assert len(ask(roomy, "big.default.svc.cluster.local", edns=4096).rr) == 100
 
 
+def test_repeated_questions_are_answered_from_the_reply_cache() -> None:
+    core = make_core(cat=catalog(WEB, BIG))
+    first = ask(core, "web.default.svc.cluster.local")
+    again = ask(core, "web.default.svc.cluster.local")  # a new id, the same answer
+    assert again.header.id != first.header.id and rrs(again) == rrs(first)
+    nx = [ask(core, "nope.default.svc.cluster.local") for _ in range(3)]
+    assert all(rcode(m) == "NXDOMAIN" for m in nx)
+    for _ in range(2):  # truncation is remembered (and counted) too
+        assert ask(core, "big.default.svc.cluster.local").header.tc
+    assert core.stats.queries["A"] == 7 and core.stats.truncated == 2
+    assert core.stats.responses == {"NOERROR": 4, "NXDOMAIN": 3}
+    moved = replace(WEB, cluster_ips=("10.96.0.99",))
+    core.set_catalog(catalog(moved))  # a new catalog forgets every stored reply
+    assert rrs(ask(core, "web.default.svc.cluster.local"))[0][3] == "10.96.0.99"
+
+
 # --- forwarding -------------------------------------------------------------------------------
 
 

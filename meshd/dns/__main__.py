@@ -11,14 +11,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import importlib
 import logging
 import signal
 import sys
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
 from edgeweave.cli import UserError, base_parser, run
 from edgeweave.config import load_config
@@ -28,6 +26,7 @@ from meshd.dns.config import DnsConfig
 from meshd.dns.core import DnsCore
 from meshd.dns.resolvconf import default_upstreams
 from meshd.dns.server import DnsClient, DnsServer
+from meshd.eventloop import runner
 from meshd.proxy.catalog_file import CatalogFileError, load_catalog
 from meshd.udp import BindError
 
@@ -60,17 +59,6 @@ def _config(args: argparse.Namespace) -> DnsConfig:
     return config
 
 
-def _runner(kind: str) -> asyncio.Runner:
-    if kind == "uvloop":
-        try:
-            uvloop: Any = importlib.import_module("uvloop")
-        except ImportError:
-            event(log, logging.WARNING, "dns.no_uvloop", using="asyncio")
-        else:
-            return asyncio.Runner(loop_factory=uvloop.new_event_loop)
-    return asyncio.Runner()
-
-
 def _main(args: argparse.Namespace) -> int:
     config = _config(args)
     try:
@@ -79,8 +67,8 @@ def _main(args: argparse.Namespace) -> int:
         raise UserError(str(exc)) from None
     core: DnsCore[DnsClient] = DnsCore(config, upstreams=default_upstreams(config),
                                        catalog=catalog)
-    with _runner(args.event_loop) as runner:
-        runner.run(_serve(core, args.catalog, len(catalog.services)))
+    with runner(args.event_loop, log) as loop_runner:
+        loop_runner.run(_serve(core, args.catalog, len(catalog.services)))
     return 0
 
 

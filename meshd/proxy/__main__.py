@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import importlib
 import logging
 import resource
 import signal
@@ -20,12 +19,12 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
 from edgeweave.cli import UserError, base_parser, run
 from edgeweave.config import HostPort, load_config
 from edgeweave.log import event
 from meshd.catalog import Catalog
+from meshd.eventloop import runner
 from meshd.proxy.catalog_file import CatalogFileError, load_catalog
 from meshd.proxy.config import ProxyConfig, ProxyFile
 from meshd.proxy.server import Proxy
@@ -76,17 +75,6 @@ def _raise_fd_limit() -> None:
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
-def _runner(kind: str) -> asyncio.Runner:
-    if kind == "uvloop":
-        try:
-            uvloop: Any = importlib.import_module("uvloop")
-        except ImportError:
-            event(log, logging.WARNING, "proxy.no_uvloop", using="asyncio")
-        else:
-            return asyncio.Runner(loop_factory=uvloop.new_event_loop)
-    return asyncio.Runner()
-
-
 def _main(args: argparse.Namespace) -> int:
     config = _config(args)
     metrics = None
@@ -100,8 +88,8 @@ def _main(args: argparse.Namespace) -> int:
     except CatalogFileError as exc:
         raise UserError(str(exc)) from None
     _raise_fd_limit()
-    with _runner(config.event_loop) as runner:
-        runner.run(_serve(config, args.catalog, catalog, args.rules, metrics))
+    with runner(config.event_loop, log) as loop_runner:
+        loop_runner.run(_serve(config, args.catalog, catalog, args.rules, metrics))
     return 0
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from bench import dns, kubeapi, proxy
+from bench import dns, kubeapi, proxy, tunnel
 from bench.harness import Suite
 
 SUITES: dict[str, Suite] = {
@@ -12,4 +12,7 @@ SUITES: dict[str, Suite] = {
                  dns.run),
     "proxy": Suite("proxy", "meshd proxy vs haproxy and socat (and no proxy): iperf3 "
                    "throughput, sockperf TCP round trips", proxy.run),
+    "tunnel": Suite("tunnel", "meshd tunnel (direct across NATs, relayed, routed) vs the plain "
+                    "path and wireguard-go: iperf3, sockperf round trips, 4 MB transfers",
+                    tunnel.run),
 }

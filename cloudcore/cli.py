@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import ipaddress
+import re
 import signal
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,6 +23,10 @@ from edgeweave.pki import (
     node_identity,
     write_kubeconfig,
 )
+
+MESHD_SERVER_NAME = "meshd-server"
+_DNS_NAME = re.compile(r"(\*\.)?[A-Za-z0-9]([-A-Za-z0-9]*[A-Za-z0-9])?"
+                       r"(\.[A-Za-z0-9]([-A-Za-z0-9]*[A-Za-z0-9])?)*")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,6 +53,14 @@ def build_parser() -> argparse.ArgumentParser:
     node.add_argument("--out", type=Path, required=True, help="directory to write into")
     node.add_argument("--server", default="https://127.0.0.1:6443",
                       help="API URL written into the kubeconfig")
+    meshd = certs_sub.add_parser("meshd-server", help="a serving certificate for meshd "
+                                 "server's control channel")
+    add_common(meshd)
+    meshd.add_argument("--out", type=Path, required=True, help="directory to write into")
+    meshd.add_argument("--address", action="append", required=True, metavar="IP_OR_DNS",
+                       help="an IP address or DNS name agents dial (repeat for more)")
+    meshd.add_argument("--name", default=MESHD_SERVER_NAME,
+                       help=f"certificate CN and file name stem (default {MESHD_SERVER_NAME})")
     return parser
 
 
@@ -86,11 +100,40 @@ def mint_node(config: CloudcoreConfig, name: str, out: Path, server: str) -> Non
     print(out / f"{name}.kubeconfig")
 
 
+def mint_meshd_server(config: CloudcoreConfig, out: Path, addresses: Sequence[str],
+                      name: str = MESHD_SERVER_NAME) -> None:
+    """Write `out/{name}.crt` + `out/{name}.key` (serverAuth, SANs = `addresses`) and
+    `out/ca.crt`: the TLS identity of `meshd server`'s control channel."""
+    pki = config.data_dir / PKI_SUBDIR
+    if not (pki / CA_CERT_FILE).exists():
+        raise UserError(f"{pki}: no CA yet: start cloudcore once with --data-dir "
+                        f"{config.data_dir}")
+    ips: list[str] = []
+    dns_names: list[str] = []
+    for address in addresses:
+        try:
+            ips.append(str(ipaddress.ip_address(address)))
+        except ValueError:
+            if not _DNS_NAME.fullmatch(address):
+                raise UserError(f"--address: {address!r} is neither an IP address nor a DNS "
+                                "name") from None
+            dns_names.append(address.lower())
+    ca = CertificateAuthority.load(pki)
+    issued = ca.issue_server_cert(name, ips=ips, dns_names=dns_names)
+    out.mkdir(parents=True, exist_ok=True)
+    issued.write(out / f"{name}.crt", out / f"{name}.key")
+    (out / "ca.crt").write_bytes(ca.cert_pem())
+    print(out / f"{name}.crt")
+
+
 def _main(args: argparse.Namespace) -> int:
     config = effective_config(args)
     try:
         if args.command == "certs":
-            mint_node(config, args.name, args.out, args.server)
+            if args.certs_command == "meshd-server":
+                mint_meshd_server(config, args.out, args.address, args.name)
+            else:
+                mint_node(config, args.name, args.out, args.server)
             return 0
         if args.print_config:
             print(dump_yaml(config), end="")

@@ -23,16 +23,21 @@ from edgeweave.config import HostPort
 from edgeweave.kube.client import KubeClient
 from edgeweave.log import event
 from meshd.catalog import Catalog
-from meshd.config import AgentConfig
+from meshd.config import AgentConfig, TunnelConfig
 from meshd.dns.config import DnsConfig
 from meshd.dns.core import DnsCore
 from meshd.dns.resolvconf import default_upstreams
 from meshd.dns.server import DnsClient, DnsServer
 from meshd.proxy.config import ProxyConfig
+from meshd.proxy.mesh import MeshConnectServer, MeshDialer
 from meshd.proxy.server import Proxy
 from meshd.rules import IptablesBackend, RuleError, RuleManager, detect_variant
 from meshd.source import CatalogSource
 from meshd.status import prometheus_samples, status_app, status_document
+from meshd.tunnel.mesh import MeshConfig
+from meshd.tunnel.punch import PunchConfig
+from meshd.tunnel.service import TunnelError, TunnelService, TunnelSettings
+from meshd.udp import Address
 
 log = logging.getLogger("meshd.agent")
 
@@ -63,23 +68,82 @@ def link_local(interface: str, address: str) -> Iterator[None]:
         subprocess.run(["ip", "link", "del", "dev", interface], capture_output=True, check=False)
 
 
+class _TunnelPeers:
+    """`PeerDirectory` over the tunnel: online peers at their overlay address."""
+
+    def __init__(self, service: TunnelService, port: int) -> None:
+        self._service, self._port = service, port
+
+    def connect_address(self, node: str) -> Address | None:
+        return self._service.connect_address(node, self._port)
+
+
+async def start_tunnel(config: AgentConfig, tunnel: TunnelConfig) -> TunnelService:
+    """Dial `meshd server` and open the tunnel socket (mesh0 follows the welcome)."""
+    kubeconfig = tunnel.kubeconfig or config.kubeconfig
+    if kubeconfig is None:
+        raise AgentError("tunnel: needs a node kubeconfig (tunnel.kubeconfig or "
+                         "agent.kubeconfig) for the node certificate")
+    where = tunnel.server_address()
+    mesh = MeshConfig(stun_server=("0.0.0.0", tunnel.stun_port), relay=tunnel.relay,
+                      punch=PunchConfig(keepalive_s=tunnel.keepalive_s,
+                                        prepunch_ttl=tunnel.prepunch_ttl))
+    settings = TunnelSettings(server_host=where.host, control_port=where.port,
+                              stun_port=tunnel.stun_port, kubeconfig=kubeconfig,
+                              interface=tunnel.interface, mtu=tunnel.mtu,
+                              listen_port=tunnel.listen_port, mesh=mesh)
+    try:
+        return await TunnelService.start(settings)
+    except (TunnelError, OSError) as exc:
+        raise AgentError(str(exc)) from None
+
+
 @contextlib.asynccontextmanager
 async def service_plane(config: AgentConfig, dns_config: DnsConfig,
-                        proxy_config: ProxyConfig) -> AsyncIterator[CatalogSource]:
-    """Run DNS, proxy, rules and the catalog source until the context exits."""
+                        proxy_config: ProxyConfig, tunnel_config: TunnelConfig | None = None
+                        ) -> AsyncIterator[CatalogSource]:
+    """Run DNS, proxy, rules, the catalog source and (when enabled) the tunnel until the
+    context exits."""
     node = config.node()
     client = (KubeClient.from_kubeconfig(config.kubeconfig) if config.kubeconfig
               else KubeClient(config.server))
     with link_local(config.interface, dns_config.address):
         core: DnsCore[DnsClient] = DnsCore(dns_config, upstreams=default_upstreams(dns_config))
         dns = await DnsServer.start(core, dns_config.address, dns_config.port)
-        proxy = Proxy(proxy_config, Catalog.empty(node))
+        tunnel: TunnelService | None = None
+        connect: MeshConnectServer | None = None
+        if tunnel_config is not None and tunnel_config.enabled:
+            try:
+                tunnel = await start_tunnel(config, tunnel_config)
+            except BaseException:
+                dns.close()
+                await client.close()
+                raise
+            proxy = Proxy(proxy_config, Catalog.empty(node), dialer=MeshDialer(
+                node, _TunnelPeers(tunnel, tunnel_config.connect_port),
+                direct_routable=tunnel_config.direct_routable))
+        else:
+            proxy = Proxy(proxy_config, Catalog.empty(node))
         rules: RuleManager | None = None
         source: CatalogSource | None = None
         pending: set[asyncio.Task[None]] = set()
         status_runner: web.AppRunner | None = None
         try:
             await proxy.start()
+            if tunnel is not None and tunnel_config is not None:
+                connect = MeshConnectServer(lambda: proxy.catalog, proxy.adopt, proxy.metrics)
+                port = tunnel_config.connect_port
+                live = tunnel
+
+                def listen() -> None:
+                    overlay = live.node.overlay
+                    assert overlay is not None and connect is not None
+                    task = asyncio.get_running_loop().create_task(
+                        connect.start((str(overlay.ip), port)))
+                    pending.add(task)
+                    task.add_done_callback(pending.discard)
+
+                tunnel.on_ready(listen)
             variant = proxy_config.rules.backend
             rules = RuleManager(IptablesBackend(detect_variant() if variant == "auto"
                                                 else variant),
@@ -105,7 +169,7 @@ async def service_plane(config: AgentConfig, dns_config: DnsConfig,
             await source.start()
             if config.status_address:
                 status_runner = await _serve_status(config.status_address, source, rules, proxy,
-                                                    core)
+                                                    core, tunnel, tunnel_config)
             event(log, logging.INFO, "agent.ready", node=node, dns=dns_config.address,
                   proxy_port=proxy.address[1], rules=rules.backend.name)
             yield source
@@ -118,13 +182,18 @@ async def service_plane(config: AgentConfig, dns_config: DnsConfig,
             if rules is not None:
                 with contextlib.suppress(RuleError):
                     await asyncio.to_thread(rules.remove)
+            if connect is not None:
+                await connect.stop()
             await proxy.stop()
+            if tunnel is not None:
+                await tunnel.stop()
             dns.close()
             await client.close()
 
 
 async def _serve_status(address: str, source: CatalogSource, rules: RuleManager, proxy: Proxy,
-                        core: DnsCore[DnsClient]) -> web.AppRunner:
+                        core: DnsCore[DnsClient], tunnel: TunnelService | None = None,
+                        tunnel_config: TunnelConfig | None = None) -> web.AppRunner:
     """`/status` and `/metrics` on `address` (loopback by default)."""
     try:
         where = HostPort.parse(address)
@@ -138,7 +207,10 @@ async def _serve_status(address: str, source: CatalogSource, rules: RuleManager,
             return False
 
     async def status() -> dict[str, Any]:
-        return status_document(source.catalog, await rules_in_place())
+        doc = status_document(source.catalog, await rules_in_place())
+        if tunnel is not None and tunnel_config is not None:
+            doc["tunnel"] = {**tunnel.status(), "connectPort": tunnel_config.connect_port}
+        return doc
 
     async def metrics() -> str:
         own: list[tuple[str, dict[str, str], int]] = [
@@ -146,8 +218,10 @@ async def _serve_status(address: str, source: CatalogSource, rules: RuleManager,
             ("meshd_catalog_services", {}, len(source.catalog.services)),
             ("meshd_rules_in_place", {}, int(await rules_in_place())),
         ]
-        return (proxy.metrics.render(prefix="meshd_proxy")
-                + prometheus_samples(core.stats.samples() + own))
+        samples: list[tuple[str, dict[str, str], float]] = [*core.stats.samples(), *own]
+        if tunnel is not None:
+            samples += tunnel.metrics_samples()
+        return proxy.metrics.render(prefix="meshd_proxy") + prometheus_samples(samples)
 
     runner = web.AppRunner(status_app(status, metrics), access_log=None)
     await runner.setup()

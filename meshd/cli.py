@@ -4,19 +4,31 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import fcntl
 import ipaddress
 import logging
+import os
 import signal
+import ssl
 import sys
-from collections.abc import Sequence
-from dataclasses import replace
+from collections.abc import Callable, Coroutine, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 from edgeweave import __version__
 from edgeweave.cli import UserError, add_common, base_parser, run
 from edgeweave.config import HostPort, dump_yaml, load_config
 from edgeweave.log import event
-from meshd.config import MeshdConfig, RelayConfig, StunConfig
+from meshd.config import (
+    ControlConfig,
+    MeshdConfig,
+    RelayConfig,
+    StunConfig,
+    parse_listen_address,
+)
+from meshd.control.server import ControlServerConfig
+from meshd.eventloop import runner as event_loop
 from meshd.netcheck.classify import NetcheckReport
 from meshd.netcheck.machine import NetcheckFailed
 from meshd.netcheck.report import render_text, to_json
@@ -29,6 +41,7 @@ from meshd.turn.server import TurnServerConfig
 from meshd.udp import BindError
 
 log = logging.getLogger("meshd.stun")
+control_log = logging.getLogger("meshd.control")
 
 
 def _positive(text: str) -> float:
@@ -101,6 +114,23 @@ def build_parser() -> argparse.ArgumentParser:
     server.add_argument("--relay-ports", type=_port_range, metavar="MIN-MAX",
                         help="relayed port range (default 49152-65535; config: relay.minPort, "
                              "relay.maxPort)")
+    # control channel (docs/reference/meshd.md, "Control channel")
+    server.add_argument("--control", action=argparse.BooleanOptionalAction, default=None,
+                        help="serve the control channel: TLS with node certificates, overlay "
+                             "addresses, signaling, TURN credentials (config: control.enabled)")
+    server.add_argument("--control-address", metavar="HOST:PORT",
+                        help="control listen address (default 0.0.0.0:20004; port 0 = any; "
+                             "config: control.address)")
+    server.add_argument("--control-data-dir", type=Path, metavar="DIR",
+                        help="control state: the node registry (config: control.dataDir)")
+    server.add_argument("--control-ca", type=Path, metavar="FILE",
+                        help="cluster CA that issued the node certificates "
+                             "(config: control.caFile)")
+    server.add_argument("--control-cert", type=Path, metavar="FILE",
+                        help="serving certificate, from `cloudcore certs meshd-server` "
+                             "(config: control.certFile)")
+    server.add_argument("--control-key", type=Path, metavar="FILE",
+                        help="its private key (config: control.keyFile)")
 
     agent = _subcommand(sub, "agent", "run the node's service plane (DNS, proxy, rules) until "
                         "SIGINT/SIGTERM")
@@ -117,6 +147,16 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--address", metavar="HOST:PORT",
                         help="the agent's status address (config: agent.statusAddress)")
     status.add_argument("--json", action="store_true", help="print the JSON document")
+
+    ping = _subcommand(sub, "ping", "report the tunnel path and round-trip time to a node "
+                       "(a TCP connect to its mesh connect port over the overlay)")
+    ping.add_argument("peer", metavar="NODE", help="the node to reach")
+    ping.add_argument("--address", metavar="HOST:PORT",
+                      help="the local agent's status address (config: agent.statusAddress)")
+    ping.add_argument("-c", "--count", type=int, default=3, metavar="N",
+                      help="connects to time (default 3)")
+    ping.add_argument("--timeout", type=_positive, default=5.0, metavar="SECONDS",
+                      help="give up on one connect after this long (default 5)")
 
     _subcommand(sub, "config", "print the effective configuration as YAML")
     return parser
@@ -137,6 +177,8 @@ def _main(args: argparse.Namespace) -> int:
         return _agent(args, config)
     if args.command == "status":
         return _status(args, config)
+    if args.command == "ping":
+        return _ping(args, config)
     sys.stdout.write(dump_yaml(config))
     return 0
 
@@ -186,12 +228,12 @@ def _agent(args: argparse.Namespace, config: MeshdConfig) -> int:
         stop = asyncio.Event()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
-        async with service_plane(agent, config.dns, config.proxy):
+        async with service_plane(agent, config.dns, config.proxy, config.tunnel):
             await stop.wait()
 
     try:
-        with _event_loop(config.proxy.event_loop) as runner:
-            runner.run(serve())
+        with event_loop(config.proxy.event_loop, logging.getLogger("meshd.agent")) as loop_runner:
+            loop_runner.run(serve())
     except (AgentError, RuleError, BindError) as exc:
         raise UserError(str(exc)) from None
     except OSError as exc:
@@ -218,15 +260,52 @@ def _status(args: argparse.Namespace, config: MeshdConfig) -> int:
     return 0
 
 
-def _event_loop(kind: str) -> asyncio.Runner:
-    """uvloop when configured and installed (the proxy's relay is faster on it)."""
-    if kind == "uvloop":
+def _ping(args: argparse.Namespace, config: MeshdConfig) -> int:
+    import json
+    import socket
+    import time
+    import urllib.error
+    import urllib.request
+
+    address = args.address or config.agent.status_address
+    url = f"http://{address}/status"
+
+    def tunnel_status() -> dict[str, Any]:
         try:
-            import uvloop
-        except ImportError:
-            return asyncio.Runner()
-        return asyncio.Runner(loop_factory=uvloop.new_event_loop)
-    return asyncio.Runner()
+            with urllib.request.urlopen(url, timeout=10) as resp:
+                doc = json.loads(resp.read())
+        except (urllib.error.URLError, OSError, ValueError) as exc:
+            reason = getattr(exc, "reason", exc)
+            raise UserError(f"no agent answers at {url}: {reason}") from None
+        tunnel = doc.get("tunnel")
+        if not isinstance(tunnel, dict):
+            raise UserError("the agent runs no tunnel (tunnel.enabled is false)")
+        return tunnel
+
+    tunnel = tunnel_status()
+    peer = next((p for p in tunnel.get("peers", []) if p.get("node") == args.peer), None)
+    if peer is None:
+        raise UserError(f"no peer {args.peer} in the mesh")
+    port = int(tunnel.get("connectPort", 40003))
+    best: float | None = None
+    for i in range(max(1, args.count)):
+        started = time.perf_counter()
+        try:
+            with socket.create_connection((peer["overlay"], port), timeout=args.timeout):
+                rtt = time.perf_counter() - started
+        except OSError as exc:
+            print(f"no answer from {args.peer} ({peer['overlay']}:{port}): "
+                  f"{exc.strerror or exc}")
+            continue
+        best = rtt if best is None else min(best, rtt)
+        now = next((p for p in tunnel_status().get("peers", [])
+                    if p.get("node") == args.peer), peer)
+        print(f"pong from {args.peer} ({peer['overlay']}) via {now['path']} "
+              f"{now.get('endpoint') or '-'} in {rtt * 1000:.2f} ms")
+        if i + 1 < args.count:
+            time.sleep(0.2)
+    return 0 if best is not None else 1
+
 
 
 # --- server -----------------------------------------------------------------------------------
@@ -244,8 +323,9 @@ def _server(args: argparse.Namespace, config: MeshdConfig) -> int:
     except ValueError as exc:
         raise UserError(f"stun: {exc}") from None
     relay = _relay_config(args, config.relay)
+    control = _control_settings(args, config)
     if not relay.enabled:
-        asyncio.run(_serve(stun))
+        asyncio.run(_with_control(control, lambda: _serve(stun)))
         return 0
     if relay.auth_secret_file is None:
         raise UserError("relay: authSecretFile is required when the relay is enabled "
@@ -259,7 +339,7 @@ def _server(args: argparse.Namespace, config: MeshdConfig) -> int:
         turn = relay.server_config(secrets, stun)
     except ValueError as exc:
         raise UserError(f"relay: {exc}") from None
-    asyncio.run(_serve_relay(stun, relay, turn))
+    asyncio.run(_with_control(control, lambda: _serve_relay(stun, relay, turn)))
     return 0
 
 
@@ -353,3 +433,114 @@ def _stun_samples(core: StunServer) -> list[tuple[str, dict[str, str], int]]:
             ("meshd_stun_responses_total", {}, core.responses),
             ("meshd_stun_errors_total", {}, core.errors),
             ("meshd_stun_dropped_total", {}, core.dropped)]
+
+
+# --- server: control channel ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Control:
+    """What `meshd server` needs to run the control channel, checked before anything binds."""
+
+    config: ControlConfig
+    core: ControlServerConfig
+    tls: ssl.SSLContext
+
+
+def _control_settings(args: argparse.Namespace, config: MeshdConfig) -> _Control | None:
+    try:
+        control = replace(
+            config.control,
+            enabled=config.control.enabled if args.control is None else args.control,
+            address=args.control_address or config.control.address,
+            data_dir=args.control_data_dir or config.control.data_dir,
+            ca_file=args.control_ca or config.control.ca_file,
+            cert_file=args.control_cert or config.control.cert_file,
+            key_file=args.control_key or config.control.key_file,
+        )
+    except ValueError as exc:
+        raise UserError(f"control: {exc}") from None
+    if not control.enabled:
+        return None
+    from edgeweave.pki import PKIError
+    from meshd.control.service import server_tls_context  # imported here: STUN stays light
+
+    missing = [name for name, value in (("caFile", control.ca_file),
+                                        ("certFile", control.cert_file),
+                                        ("keyFile", control.key_file)) if value is None]
+    if missing:
+        raise UserError(f"control: {', '.join(missing)} required when the control channel is "
+                        "enabled (`cloudcore certs meshd-server` writes them)")
+    assert control.ca_file and control.cert_file and control.key_file
+    secret_file = control.turn_secret_file or config.relay.auth_secret_file
+    secret: bytes | None = None
+    if secret_file is not None:
+        try:
+            secret = read_secrets(secret_file)[0]
+        except (OSError, ValueError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+            raise UserError(f"control: TURN secret file {secret_file}: {reason}") from None
+    try:
+        core = control.server_config(secret, config.relay.realm)
+    except ValueError as exc:
+        raise UserError(f"control: {exc}") from None
+    try:
+        tls = server_tls_context(control.cert_file, control.key_file, control.ca_file)
+    except PKIError as exc:
+        raise UserError(f"control: {exc}") from None
+    return _Control(control, core, tls)
+
+
+async def _with_control(control: _Control | None,
+                        serving: Callable[[], Coroutine[Any, Any, None]]) -> None:
+    """Run `serving()` (STUN, relay) with the control channel beside it when enabled."""
+    if control is None:
+        await serving()
+        return
+    from meshd.control.registry import REGISTRY_FILE, JsonRegistryStore, RegistryStoreError
+    from meshd.control.server import ControlServer
+    from meshd.control.service import ControlService
+    from meshd.turn.service import start_metrics
+
+    data_dir = control.config.data_dir
+    try:
+        data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        lock = os.open(data_dir / ".control.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        raise UserError(f"control: dataDir {data_dir}: {exc.strerror or exc}") from None
+    try:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise UserError(f"control: dataDir {data_dir} is in use by another meshd "
+                            "server") from None
+        try:
+            server = ControlServer(control.core, JsonRegistryStore(data_dir / REGISTRY_FILE))
+        except RegistryStoreError as exc:
+            raise UserError(f"control: {exc}") from None
+        host, port = parse_listen_address(control.config.address)
+        try:
+            service = await ControlService.start(server, control.tls, host, port)
+        except BindError as exc:
+            raise UserError(str(exc)) from None
+        runner = None
+        try:
+            if control.config.metrics_address:
+                where = HostPort.parse(control.config.metrics_address)
+                try:
+                    runner = await start_metrics(where.host, where.port, server.samples)
+                except BindError as exc:
+                    raise UserError(str(exc)) from None
+                for address in runner.addresses:
+                    event(control_log, logging.INFO, "control.metrics",
+                          address=f"{address[0]}:{address[1]}")
+            await serving()
+        finally:
+            if runner is not None:
+                await runner.cleanup()
+            await service.close()
+            m = server.metrics
+            event(control_log, logging.INFO, "control.stop", hellos=m.hellos,
+                  signals=m.signals_routed, auth_failures=m.auth_failures)
+    finally:
+        os.close(lock)

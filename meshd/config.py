@@ -14,6 +14,11 @@
       authSecretFile: /etc/edgeweave/turn-secret
       minPort: 49152
       maxPort: 65535
+    control:                                    # agents' TLS control channel
+      enabled: true
+      caFile: /etc/edgeweave/meshd/ca.crt
+      certFile: /etc/edgeweave/meshd/meshd-server.crt
+      keyFile: /etc/edgeweave/meshd/meshd-server.key
 """
 
 from __future__ import annotations
@@ -24,6 +29,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from edgeweave.config import HostPort
+from meshd.control.server import ControlServerConfig
+from meshd.control.wire import TurnServerAddress
 from meshd.dns.config import DnsConfig
 from meshd.proxy.config import ProxyConfig
 from meshd.stun.server import DEFAULT_SOFTWARE
@@ -187,6 +194,100 @@ class NetcheckConfig:
         return RetransmitPolicy(self.initial_rto_s, self.transmissions, self.give_up_s)
 
 
+# --- control channel (`meshd server`) ------------------------------------------------------------
+
+
+def parse_listen_address(text: str) -> tuple[str, int]:
+    """`host:port` or `[v6]:port` with port 0..65535 (0 = any free port)."""
+    host, sep, port = text.strip().rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"expected host:port with a port 0..65535, got {text!r}")
+    return host, int(port)
+
+
+def parse_turn_server(text: str) -> TurnServerAddress:
+    """`host:port`, `host:port/udp` or `host:port/tcp` (IPv6 as `[v6]:port`)."""
+    address, _, transport = text.strip().partition("/")
+    transport = transport or "udp"
+    if transport not in ("udp", "tcp"):
+        raise ValueError(f"transport of {text!r} must be udp or tcp")
+    where = HostPort.parse(address)
+    return TurnServerAddress(where.host, where.port, "tcp" if transport == "tcp" else "udp")
+
+
+@dataclass(frozen=True)
+class ControlConfig:
+    """`control:` — the control channel of `meshd server`: TLS with node certificates, node
+    registry, overlay addresses, signaling, TURN credentials (docs/reference/meshd.md)."""
+
+    enabled: bool = False
+    """Serve the control channel."""
+    address: str = "0.0.0.0:20004"
+    """TCP listen address (`host:port`; port 0 = any free port, logged in `control.listen`)."""
+    data_dir: Path = Path("/var/lib/edgeweave/meshd-server")
+    """State: the node registry (`control-registry.json`: overlay addresses, static keys)."""
+    overlay_cidr: ipaddress.IPv4Network = ipaddress.IPv4Network("100.64.0.0/16")
+    """Where overlay addresses come from (CGNAT space by default)."""
+    ca_file: Path | None = None
+    """The cluster CA (cloudcore's `DATA_DIR/pki/ca.crt`): only its node certificates get in."""
+    cert_file: Path | None = None
+    """The serving certificate (`cloudcore certs meshd-server`)."""
+    key_file: Path | None = None
+    """Its private key."""
+    turn_secret_file: Path | None = None
+    """Shared secret(s) of the TURN REST credentials (first line used); default:
+    `relay.authSecretFile`; neither = no TURN credentials for agents."""
+    turn_ttl_s: int = 3600
+    """Lifetime of the TURN credentials handed out; fresh ones follow after half of it."""
+    turn_servers: tuple[str, ...] = ()
+    """TURN servers told to agents: `host:port[/udp|/tcp]`; empty = the host agents dial for
+    control, port 3478, UDP."""
+    keepalive_s: float = 5.0
+    """Agents ping this often."""
+    idle_timeout_s: float = 15.0
+    """A session silent this long is dropped (both sides)."""
+    hello_timeout_s: float = 10.0
+    """A connection without hello this long after TLS is dropped."""
+    signals_per_s: float = 20.0
+    """Signals per second one node may send (sustained)."""
+    signal_burst: int = 40
+    """Signals one node may send at once."""
+    max_signal_bytes: int = 16384
+    """Largest signal routed."""
+    metrics_address: str = ""
+    """`host:port` for Prometheus `/metrics` of the control counters; "" = off."""
+
+    def __post_init__(self) -> None:
+        try:
+            parse_listen_address(self.address)
+        except ValueError as exc:
+            raise ValueError(f"address: {exc}") from None
+        for i, text in enumerate(self.turn_servers):
+            try:
+                parse_turn_server(text)
+            except ValueError as exc:
+                raise ValueError(f"turnServers[{i}]: {exc}") from None
+        if self.metrics_address:
+            try:
+                HostPort.parse(self.metrics_address)
+            except ValueError as exc:
+                raise ValueError(f"metricsAddress: {exc}") from None
+        self.server_config(None)
+
+    def server_config(self, turn_secret: bytes | None, realm: str = "edgeweave"
+                      ) -> ControlServerConfig:
+        """The core's settings; `ValueError` when they do not add up."""
+        return ControlServerConfig(
+            overlay_network=self.overlay_cidr, keepalive_s=self.keepalive_s,
+            idle_timeout_s=self.idle_timeout_s, hello_timeout_s=self.hello_timeout_s,
+            turn_secret=turn_secret, turn_realm=realm, turn_ttl_s=self.turn_ttl_s,
+            turn_servers=tuple(parse_turn_server(t) for t in self.turn_servers),
+            signals_per_s=self.signals_per_s, signal_burst=self.signal_burst,
+            max_signal_bytes=self.max_signal_bytes)
+
+
 @dataclass(frozen=True)
 class AgentConfig:
     """`agent:` — who this node is and where its API is."""
@@ -200,6 +301,63 @@ class AgentConfig:
     def node(self) -> str:
         """The node name to serve as."""
         return self.node_name or socket.gethostname()
+
+
+@dataclass(frozen=True)
+class TunnelConfig:
+    """`tunnel:` — the agent's packet tunnel to other nodes (docs/reference/meshd.md)."""
+
+    enabled: bool = False
+    """Run the tunnel (needs `server` and a node certificate)."""
+    server: str = ""
+    """`meshd server` as `host` or `host:controlPort` (default port 20004)."""
+    stun_port: int = 3478
+    """The server's STUN/TURN UDP port."""
+    interface: str = "mesh0"
+    """TUN device for the overlay."""
+    mtu: int = 1380
+    """TUN MTU (1380 leaves room for the tunnel and TURN headers in 1500)."""
+    listen_port: int = 0
+    """UDP port of the tunnel socket; 0 = a random port per start (design §6)."""
+    keepalive_s: float = 25.0
+    """Keepalive on an idle direct path (below conntrack's 30 s UDP timeout)."""
+    connect_port: int = 40003
+    """TCP port of the mesh connect server on the overlay address."""
+    direct_routable: bool = True
+    """Dial endpoints on nodes the mesh does not reach directly (same LAN, routed pod
+    subnets); false: such endpoints fail fast."""
+    relay: bool = True
+    """Allocate a relay (TURN) candidate."""
+    kubeconfig: Path | None = None
+    """Node kubeconfig with the node certificate; default `agent.kubeconfig`."""
+    prepunch_ttl: int | None = None
+    """TTL of the pre-punch datagrams (None: off)."""
+
+    def __post_init__(self) -> None:
+        if self.enabled and not self.server:
+            raise ValueError("server: required when the tunnel is enabled")
+        if self.server:
+            try:
+                HostPort.parse(self.server, 20004)
+            except ValueError as exc:
+                raise ValueError(f"server: {exc}") from None
+        for name, port, low in (("stunPort", self.stun_port, 1),
+                                ("listenPort", self.listen_port, 0),
+                                ("connectPort", self.connect_port, 1)):
+            if not low <= port <= 65535:
+                raise ValueError(f"{name}: {port} is not a port ({low}..65535)")
+        if not 576 <= self.mtu <= 65535:
+            raise ValueError(f"mtu: {self.mtu} out of range (576..65535)")
+        if not 1 <= self.keepalive_s <= 600:
+            raise ValueError(f"keepaliveS: {self.keepalive_s} out of range (1..600)")
+        if self.prepunch_ttl is not None and not 1 <= self.prepunch_ttl <= 255:
+            raise ValueError(f"prepunchTtl: {self.prepunch_ttl} out of range (1..255)")
+        if not self.interface or len(self.interface.encode()) > 15:
+            raise ValueError(f"interface: {self.interface!r} is not an interface name")
+
+    def server_address(self) -> HostPort:
+        """The control channel address."""
+        return HostPort.parse(self.server, 20004)
 
 
 @dataclass(frozen=True)
@@ -219,3 +377,7 @@ class MeshdConfig:
     """The TURN relay (`meshd server`), on the STUN sockets."""
     netcheck: NetcheckConfig = field(default_factory=NetcheckConfig)
     """NAT discovery (`meshd netcheck`)."""
+    control: ControlConfig = field(default_factory=ControlConfig)
+    """The control channel (`meshd server`): registry, signaling, TURN credentials."""
+    tunnel: TunnelConfig = field(default_factory=TunnelConfig)
+    """The agent's packet tunnel (`mesh0`) to other nodes."""

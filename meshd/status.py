@@ -8,7 +8,8 @@ builds, rules in place). `meshd status` fetches `/status` and prints it as a tab
 from __future__ import annotations
 
 import json
-from collections.abc import Awaitable, Callable
+import time
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from aiohttp import web
@@ -55,10 +56,31 @@ def render_status(doc: dict[str, Any]) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
              for r in rows]
+    tunnel = doc.get("tunnel")
+    if isinstance(tunnel, dict):
+        lines += ["", *render_peers(tunnel)]
     return "\n".join([head, *lines])
 
 
-def prometheus_samples(samples: list[tuple[str, dict[str, str], int]]) -> str:
+def render_peers(tunnel: dict[str, Any]) -> list[str]:
+    """The tunnel part of `meshd status`: a header line and one row per peer."""
+    head = (f"tunnel {tunnel.get('interface') or '(down)'} {tunnel.get('overlay') or '-'}, "
+            f"socket {tunnel.get('local')}, relay {tunnel.get('relayed') or '-'}, "
+            f"control {tunnel.get('control')}")
+    rows = [("PEER", "OVERLAY", "PATH", "ENDPOINT", "RTT", "BYTES IN/OUT", "LAST HANDSHAKE")]
+    for p in tunnel.get("peers", []):
+        rtt = "-" if p.get("rttMs") is None else f"{p['rttMs']:.1f} ms"
+        last = p.get("lastHandshake")
+        ago = "-" if last is None else f"{max(0.0, time.time() - last):.0f} s ago"
+        path = p["path"] + ("" if p.get("online", True) else " (offline)")
+        rows.append((p["node"], p["overlay"], path, p.get("endpoint") or "-", rtt,
+                     f"{p['bytesIn']}/{p['bytesOut']}", ago))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return [head] + ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
+                     for r in rows]
+
+
+def prometheus_samples(samples: Sequence[tuple[str, dict[str, str], float]]) -> str:
     """(name, labels, value) samples in the Prometheus text format."""
     out = []
     for name, labels, value in samples:

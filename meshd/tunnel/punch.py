@@ -506,6 +506,14 @@ class PathMachine:
             self._rebuild_pairs()
             self._fire("start", now)
             self._begin_round(now)
+        elif (restart and self.state is State.DIRECT and self.role is Role.CONTROLLED
+              and self._selected is not None):
+            # The controlling peer restarted; its checks (maybe already its nomination, when
+            # the signal was slower than the checks) drive the new round. Keep the selected
+            # pair and answer: restarting here would end our round relayed while the peer
+            # stays direct. Consent still declares a dead pair dead.
+            self._rebuild_pairs()
+            self._emit(ChecksRestarted(self.generation, "peer restart", now))
         elif not same_session or (restart and self.state is not State.CHECKING):
             self._rebuild_pairs()
             self._fire("restart", now)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import random
 import signal
 import sys
 
@@ -31,12 +32,30 @@ class Echo(asyncio.DatagramProtocol):
         self.transport.sendto(self.prefix + data, addr)
 
 
+BLOCK = random.Random(7).randbytes(1 << 20)
+"""`GET /bytes/N` answers N bytes: this block repeated (tunnel tests compare sha256)."""
+
+
+async def bulk(writer: asyncio.StreamWriter, size: int) -> None:
+    writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\n"
+                 b"Connection: close\r\nContent-Length: %d\r\n\r\n" % size)
+    while size > 0:
+        chunk = BLOCK[:size] if size < len(BLOCK) else BLOCK
+        writer.write(chunk)
+        size -= len(chunk)
+        await writer.drain()
+
+
 async def serve(args: argparse.Namespace) -> None:
     loop = asyncio.get_running_loop()
 
     async def http(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
-            await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+            path = head.split(b" ", 2)[1] if head.count(b" ") >= 2 else b"/"
+            if path.startswith(b"/bytes/") and path[7:].isdigit():
+                await bulk(writer, int(path[7:]))
+                return
             client = writer.get_extra_info("peername")[0]
             body = f"pod={args.name} node={args.node} client={client}\n".encode()
             writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nConnection: close\r\n"

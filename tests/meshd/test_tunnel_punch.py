@@ -244,6 +244,9 @@ class Pair:
         self.a = PathMachine("node-a", "node-b", config=config, rng=random.Random(seed))
         self.b = PathMachine("node-b", "node-a", config=config, rng=random.Random(seed + 100))
         self.events: dict[str, list[Event]] = {"a": [], "b": []}
+        self.hold_for: PathMachine | None = None
+        """Descriptions for this machine wait in `held` (a slow signaling path)."""
+        self.held: list[DescriptionChanged] = []
         for machine, host in ((self.a, A_HOST), (self.b, B_HOST)):
             self.net.attach(host, self._handler(machine))
 
@@ -270,7 +273,10 @@ class Pair:
                 while (item := machine.next_event()) is not None:
                     self.events[name].append(item)
                     if isinstance(item, DescriptionChanged):
-                        peer.set_remote_candidates(item.description, self.net.now)
+                        if peer is self.hold_for:
+                            self.held.append(item)
+                        else:
+                            peer.set_remote_candidates(item.description, self.net.now)
                 timer = machine.get_timer()
                 assert timer is None or timer > self.net.now, "a timer due now was not served"
             times = [m.get_timer() for _, m, _ in self.machines()] + [self.net.next_time()]
@@ -339,6 +345,29 @@ def test_dead_path_falls_back_and_restarts_with_a_new_generation() -> None:
     pair.net.loss = 0.0
     pair.run(pair.net.now + 1.0)
     assert pair.a.state is pair.b.state is State.DIRECT
+
+
+def test_controlled_side_keeps_its_pair_when_the_restart_signal_comes_late() -> None:
+    pair = Pair()
+    pair.start()
+    pair.run(1.0)
+    assert pair.a.role is Role.CONTROLLING and pair.b.state is State.DIRECT
+    pair.hold_for = pair.b  # a's restart description will reach b after a's checks
+    pair.net.loss = 1.0
+    died = pair.net.now
+    while pair.a.generation == 0 and pair.net.now < died + 10.0:
+        pair.a.data_sent(pair.net.now)
+        pair.run(pair.net.now + 0.5)
+    assert pair.a.generation == 1 and pair.held
+    pair.net.loss = 0.0
+    pair.run(pair.net.now + 1.0)  # a's new round: checks and nomination reach b first
+    assert pair.a.state is State.DIRECT
+    pair.hold_for = None
+    for held in pair.held:
+        pair.b.set_remote_candidates(held.description, pair.net.now)
+    pair.run(pair.net.now + 8.0)
+    assert pair.a.state is pair.b.state is State.DIRECT  # not relayed/failed on b's side
+    assert pair.b.current_path().remote == A_HOST
 
 
 def test_without_relay_a_dead_end_is_failed() -> None:

@@ -1,0 +1,548 @@
+"""The control channel's server core (`meshd server`), sans-I/O.
+
+Inputs: a connection whose TLS handshake verified a client certificate from the cluster CA
+(`connection_made`, with the node name the certificate carries), bytes from it
+(`receive_data`), its end (`connection_lost`) and time (`handle_timer`). Every entry point
+takes `now`, **Unix seconds** (TURN credentials carry a Unix expiry), and returns `Output`s for
+the adapter: `SendFrame` and `CloseConnection`. `get_timer()` is the next deadline. Peer
+garbage never raises: the connection gets an `error` message and is closed.
+
+What it does:
+- Identity comes only from the certificate: a connection without a node identity
+  (`system:node:{name}` in `system:nodes`) is refused (`unauthorized`). A hello says nothing
+  about who the node is, so a node can publish its own static key only, and its overlay
+  address is whatever the registry holds for its name: a node cannot claim another's address.
+  A static key held by another online node is refused (`key-in-use`).
+- Registry (`meshd.control.registry`): stable overlay addresses per node name, persisted before
+  use; the last static key per node, so peers are listed (offline) across server restarts.
+- A second connection of the same node replaces the first once its hello is accepted (the old
+  one gets `replaced`); peers see no leave/join, only a `peerJoined` if the entry changed.
+- Signals are routed between online nodes only, stamped with the sender's name, limited in
+  size and rate (token bucket per session); refusals are answered with a non-fatal `error`.
+- TURN credentials (`meshd.turn.credentials`, the "TURN REST API" scheme) in the welcome, and
+  fresh ones (`credentials`) when half of their lifetime is gone.
+- Sessions that stay silent for `idle_timeout_s` (agents ping every `keepalive_s`), or send no
+  hello within `hello_timeout_s`, are closed. One sweep timer checks them every
+  `sweep_interval_s`.
+
+Session states (`TRANSITIONS`):
+
+    AWAIT_HELLO --hello accepted--> ACTIVE --lost | replaced | idle | error--> CLOSED
+         \\--lost | hello refused | hello timeout | error--> CLOSED
+"""
+
+from __future__ import annotations
+
+import enum
+import ipaddress
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from edgeweave.log import event
+from edgeweave.pki.identity import is_valid_node_name
+from meshd.control.registry import Registry, RegistryFull, RegistryStore, RegistryStoreError
+from meshd.control.wire import (
+    CLIENT_MAX_FRAME,
+    PROTOCOL_VERSION,
+    ControlProtocolError,
+    Error,
+    FrameDecoder,
+    Hello,
+    Message,
+    NatSummary,
+    PeerInfo,
+    PeerJoined,
+    PeerLeft,
+    Peers,
+    Ping,
+    Pong,
+    Signal,
+    TurnGrant,
+    TurnServerAddress,
+    Welcome,
+    encode_frame,
+    message_type,
+)
+from meshd.control.wire import Credentials as CredentialsMessage
+from meshd.turn.credentials import mint_credentials
+
+log = logging.getLogger("meshd.control")
+
+ConnectionId = int
+"""Chosen by the adapter, unique per connection for the life of the server."""
+
+
+class ErrorCode(enum.StrEnum):
+    """`code` of the error messages the server sends (F = the connection is then closed)."""
+
+    UNAUTHORIZED = "unauthorized"
+    """F: the certificate names no node."""
+    UNSUPPORTED_VERSION = "unsupported-version"
+    """F: the hello's version is not ours."""
+    KEY_IN_USE = "key-in-use"
+    """F: another online node presented that static key."""
+    NO_ADDRESS = "no-address"
+    """F: the overlay network is full."""
+    UNAVAILABLE = "unavailable"
+    """F: the registry could not be saved."""
+    PROTOCOL = "protocol"
+    """F: garbage, or a message not allowed in the session's state."""
+    REPLACED = "replaced"
+    """F: a newer connection of the same node took over."""
+    HELLO_TIMEOUT = "hello-timeout"
+    """F: no hello in time."""
+    IDLE_TIMEOUT = "idle-timeout"
+    """F: nothing received for idleTimeoutS."""
+    SHUTDOWN = "shutdown"
+    """F: the server is stopping (reconnect)."""
+    BAD_PEER = "bad-peer"
+    """A signal to oneself."""
+    PEER_OFFLINE = "peer-offline"
+    """A signal to a node without a session; dropped."""
+    RATE_LIMITED = "rate-limited"
+    """A signal over the sender's rate; dropped."""
+    TOO_LARGE = "too-large"
+    """A signal payload over maxSignalBytes; dropped."""
+
+
+@dataclass(frozen=True)
+class SendFrame:
+    """Write bytes (whole frames) to a connection."""
+
+    conn: ConnectionId
+    """The connection."""
+    data: bytes
+    """What to write."""
+
+
+@dataclass(frozen=True)
+class CloseConnection:
+    """Close a connection after writing what was queued before."""
+
+    conn: ConnectionId
+    """The connection."""
+    reason: str
+    """Why, for the log."""
+
+
+Output = SendFrame | CloseConnection
+"""What the core asks its adapter to do."""
+
+
+@dataclass(frozen=True)
+class ControlServerConfig:
+    """Settings of the control server core (`control:` in meshd's configuration maps here)."""
+
+    overlay_network: ipaddress.IPv4Network = ipaddress.IPv4Network("100.64.0.0/16")
+    """Where overlay addresses come from."""
+    keepalive_s: float = 5.0
+    """Agents ping this often (told in the welcome)."""
+    idle_timeout_s: float = 15.0
+    """A session silent this long is closed (told in the welcome)."""
+    hello_timeout_s: float = 10.0
+    """A connection without hello this long after connecting is closed."""
+    sweep_interval_s: float = 1.0
+    """How often idle sessions and due credentials are looked for."""
+    turn_secret: bytes | None = None
+    """Shared secret of the TURN REST credentials; None = no TURN credentials."""
+    turn_realm: str = "edgeweave"
+    """REALM of the TURN servers."""
+    turn_ttl_s: int = 3600
+    """Lifetime of minted TURN credentials; fresh ones are sent after half of it."""
+    turn_servers: tuple[TurnServerAddress, ...] = ()
+    """TURN servers told to agents; empty = the control host on port 3478 (UDP)."""
+    signals_per_s: float = 20.0
+    """Sustained signals per second per session."""
+    signal_burst: int = 40
+    """Signals a session may send at once."""
+    max_signal_bytes: int = 16 * 1024
+    """Largest signal body routed."""
+    max_frame: int = CLIENT_MAX_FRAME
+    """Largest frame body accepted from an agent."""
+
+    def __post_init__(self) -> None:
+        if min(self.keepalive_s, self.idle_timeout_s, self.hello_timeout_s,
+               self.sweep_interval_s, self.signals_per_s) <= 0:
+            raise ValueError("timeouts, intervals and signalsPerS must be positive")
+        if self.idle_timeout_s <= self.keepalive_s:
+            raise ValueError("idleTimeoutS must be longer than keepaliveS")
+        if self.turn_ttl_s < 60:
+            raise ValueError("turnTtlS must be at least 60")
+        if self.signal_burst < 1 or self.max_signal_bytes < 256 or self.max_frame < 1024:
+            raise ValueError("signalBurst >= 1, maxSignalBytes >= 256, maxFrame >= 1024")
+
+
+@dataclass(slots=True)
+class ControlMetrics:
+    """Counters an exporter reads (gauges are computed by `ControlServer.samples`)."""
+
+    connections_total: int = 0
+    """Connections that completed TLS."""
+    auth_failures: int = 0
+    """TLS handshakes refused (no or foreign certificate) and certificates naming no node."""
+    hellos: int = 0
+    """Hellos accepted."""
+    refused: dict[str, int] = field(default_factory=dict)
+    """Fatal errors sent, by code."""
+    sessions_replaced: int = 0
+    """Sessions taken over by a newer connection of the same node."""
+    sessions_expired: int = 0
+    """Sessions closed for silence or a missing hello."""
+    protocol_errors: int = 0
+    """Connections closed for garbage or out-of-place messages."""
+    signals_routed: int = 0
+    """Signals delivered."""
+    signals_dropped: dict[str, int] = field(default_factory=dict)
+    """Signals refused, by error code."""
+    credentials_issued: int = 0
+    """TURN credentials minted (welcome and refresh)."""
+
+
+class SessionState(enum.Enum):
+    """Where one connection is."""
+
+    AWAIT_HELLO = "await-hello"
+    ACTIVE = "active"
+    CLOSED = "closed"
+
+
+TRANSITIONS: dict[tuple[SessionState, str], SessionState] = {
+    (SessionState.AWAIT_HELLO, "hello"): SessionState.ACTIVE,
+    (SessionState.AWAIT_HELLO, "close"): SessionState.CLOSED,
+    (SessionState.ACTIVE, "close"): SessionState.CLOSED,
+}
+"""Every allowed (state, input) and the state it leads to."""
+
+ACCEPTED: dict[SessionState, tuple[type, ...]] = {
+    SessionState.AWAIT_HELLO: (Hello, Ping, Error),
+    SessionState.ACTIVE: (Signal, Ping, Error),
+}
+"""Messages an agent may send in each state; anything else is a protocol error."""
+
+
+@dataclass
+class _Session:
+    conn: ConnectionId
+    node: str
+    connected_at: float
+    last_rx: float
+    decoder: FrameDecoder
+    state: SessionState = SessionState.AWAIT_HELLO
+    static_key: bytes = b""
+    nat: NatSummary | None = None
+    tokens: float = 0.0
+    tokens_at: float = 0.0
+    turn_refresh_at: float | None = None
+
+    def move(self, what: str) -> None:
+        self.state = TRANSITIONS[(self.state, what)]
+
+
+class ControlServer:
+    """The registry of connected nodes and the router between them."""
+
+    def __init__(self, config: ControlServerConfig, store: RegistryStore) -> None:
+        self.config = config
+        """Settings."""
+        self.registry = Registry(config.overlay_network, store)
+        """Persisted node records (raises `RegistryStoreError` for a bad store)."""
+        self.metrics = ControlMetrics()
+        """Counters."""
+        self._sessions: dict[ConnectionId, _Session] = {}
+        self._online: dict[str, _Session] = {}  # node -> its ACTIVE session
+        self._published: dict[str, PeerInfo] = {}  # the table as agents know it
+        self._next_sweep: float | None = None
+        for node in self.registry:
+            info = self._info(node, online=False)
+            if info is not None:
+                self._published[node] = info
+
+    # --- entry points ---------------------------------------------------------------------------
+
+    def connection_made(self, conn: ConnectionId, node: str | None, now: float) -> list[Output]:
+        """A connection passed TLS; `node` is the node name in its client certificate (None if
+        the certificate names no node)."""
+        self.metrics.connections_total += 1
+        if node is None or not is_valid_node_name(node):
+            self.metrics.auth_failures += 1
+            event(log, logging.WARNING, "control.refused", conn=conn,
+                  reason="certificate names no node")
+            return self._refuse_unregistered(conn, ErrorCode.UNAUTHORIZED,
+                                             "the client certificate names no node")
+        self._sessions[conn] = _Session(conn, node, now, now,
+                                        FrameDecoder(self.config.max_frame),
+                                        tokens=float(self.config.signal_burst), tokens_at=now)
+        if self._next_sweep is None:
+            self._next_sweep = now + self.config.sweep_interval_s
+        event(log, logging.DEBUG, "control.connect", conn=conn, node=node)
+        return []
+
+    def handshake_failed(self, reason: str) -> None:
+        """The adapter refused a TLS handshake (no certificate, or not from the CA)."""
+        self.metrics.auth_failures += 1
+
+    def receive_data(self, conn: ConnectionId, data: bytes, now: float) -> list[Output]:
+        """Bytes from a connection."""
+        session = self._sessions.get(conn)
+        if session is None or not data:
+            return []
+        session.last_rx = now
+        out: list[Output] = []
+        try:
+            messages = session.decoder.feed(data)
+        except ControlProtocolError as exc:
+            for message in exc.messages:
+                self._receive(session, message, now, out)
+                if session.state is SessionState.CLOSED:
+                    return out
+            return self._protocol_error(session, str(exc), now, out)
+        for message in messages:
+            self._receive(session, message, now, out)
+            if session.state is SessionState.CLOSED:
+                break
+        return out
+
+    def connection_lost(self, conn: ConnectionId, now: float) -> list[Output]:
+        """The connection ended (by the peer, or after a `CloseConnection`)."""
+        session = self._sessions.get(conn)
+        if session is None:
+            return []
+        out: list[Output] = []
+        self._end(session, "connection lost", now, out)
+        return out
+
+    def get_timer(self) -> float | None:
+        """When `handle_timer` should run next."""
+        return self._next_sweep
+
+    def handle_timer(self, now: float) -> list[Output]:
+        """Close silent sessions and refresh due TURN credentials."""
+        if self._next_sweep is None or now < self._next_sweep:
+            return []
+        out: list[Output] = []
+        cfg = self.config
+        for session in list(self._sessions.values()):
+            if session.state is SessionState.AWAIT_HELLO:
+                if now - session.connected_at >= cfg.hello_timeout_s:
+                    self.metrics.sessions_expired += 1
+                    self._fail(session, ErrorCode.HELLO_TIMEOUT, "no hello in time", now, out)
+            elif now - session.last_rx >= cfg.idle_timeout_s:
+                self.metrics.sessions_expired += 1
+                self._fail(session, ErrorCode.IDLE_TIMEOUT,
+                           f"nothing received for {cfg.idle_timeout_s:g} s", now, out)
+            elif session.turn_refresh_at is not None and now >= session.turn_refresh_at:
+                grant = self._grant(session, now)
+                if grant is not None:
+                    self._send(session, CredentialsMessage(grant), out)
+        self._next_sweep = now + cfg.sweep_interval_s if self._sessions else None
+        return out
+
+    def shutdown(self, now: float) -> list[Output]:
+        """Tell every agent the server stops (they reconnect at once) and close everything."""
+        out: list[Output] = []
+        for session in list(self._sessions.values()):
+            self._fail(session, ErrorCode.SHUTDOWN, "server stopping", now, out, count=False)
+        return out
+
+    # --- introspection ------------------------------------------------------------------------
+
+    @property
+    def sessions(self) -> int:
+        """Connections with a session (waiting for hello or active)."""
+        return len(self._sessions)
+
+    def online(self) -> list[str]:
+        """Nodes with an active session, sorted."""
+        return sorted(self._online)
+
+    def peer_table(self) -> Mapping[str, PeerInfo]:
+        """The table as agents see it (every node with a known static key)."""
+        return dict(self._published)
+
+    def session_state(self, conn: ConnectionId) -> SessionState:
+        """A connection's state (CLOSED when unknown)."""
+        session = self._sessions.get(conn)
+        return session.state if session is not None else SessionState.CLOSED
+
+    def samples(self) -> list[tuple[str, dict[str, str], int]]:
+        """Prometheus samples (name, labels, value) of counters and gauges."""
+        m = self.metrics
+        out: list[tuple[str, dict[str, str], int]] = [
+            ("meshd_control_nodes_online", {}, len(self._online)),
+            ("meshd_control_sessions", {}, len(self._sessions)),
+            ("meshd_control_nodes_registered", {}, len(self.registry)),
+            ("meshd_control_connections_total", {}, m.connections_total),
+            ("meshd_control_auth_failures_total", {}, m.auth_failures),
+            ("meshd_control_hellos_total", {}, m.hellos),
+            ("meshd_control_sessions_replaced_total", {}, m.sessions_replaced),
+            ("meshd_control_sessions_expired_total", {}, m.sessions_expired),
+            ("meshd_control_protocol_errors_total", {}, m.protocol_errors),
+            ("meshd_control_signals_routed_total", {}, m.signals_routed),
+            ("meshd_control_credentials_issued_total", {}, m.credentials_issued),
+        ]
+        out += [("meshd_control_refused_total", {"code": code}, n)
+                for code, n in sorted(m.refused.items())]
+        out += [("meshd_control_signals_dropped_total", {"reason": reason}, n)
+                for reason, n in sorted(m.signals_dropped.items())]
+        return out
+
+    # --- messages -----------------------------------------------------------------------------
+
+    def _receive(self, session: _Session, message: Message, now: float,
+                 out: list[Output]) -> None:
+        if not isinstance(message, ACCEPTED[session.state]):
+            self._protocol_error(session, f"{message_type(message)} not allowed in state "
+                                 f"{session.state.value}", now, out)
+        elif isinstance(message, Hello):
+            self._hello(session, message, now, out)
+        elif isinstance(message, Ping):
+            self._send(session, Pong(message.seq), out)
+        elif isinstance(message, Signal):
+            self._signal(session, message, now, out)
+        elif isinstance(message, Error):
+            event(log, logging.INFO, "control.agent_error", node=session.node,
+                  code=message.code, message=message.message)
+
+    def _hello(self, session: _Session, hello: Hello, now: float, out: list[Output]) -> None:
+        node = session.node
+        if hello.version != PROTOCOL_VERSION:
+            return self._fail(session, ErrorCode.UNSUPPORTED_VERSION,
+                              f"version {hello.version} is not {PROTOCOL_VERSION}", now, out)
+        for other, active in self._online.items():
+            if other != node and active.static_key == hello.static_key:
+                return self._fail(session, ErrorCode.KEY_IN_USE,
+                                  "this static key belongs to another online node", now, out)
+        try:
+            record = self.registry.register(node, hello.static_key)
+        except RegistryFull as exc:
+            return self._fail(session, ErrorCode.NO_ADDRESS, str(exc), now, out)
+        except RegistryStoreError as exc:
+            event(log, logging.ERROR, "control.registry_error", node=node, error=exc)
+            return self._fail(session, ErrorCode.UNAVAILABLE, "registry unavailable", now, out)
+        previous = self._online.get(node)
+        if previous is not None and previous is not session:
+            self.metrics.sessions_replaced += 1
+            self._fail(previous, ErrorCode.REPLACED, "a newer connection of this node took "
+                       "over", now, out, count=False, announce=False)
+        session.move("hello")
+        session.static_key, session.nat = hello.static_key, hello.nat
+        self._online[node] = session
+        self.metrics.hellos += 1
+        cfg = self.config
+        overlay = ipaddress.IPv4Interface(f"{record.overlay}/{cfg.overlay_network.prefixlen}")
+        welcome = Welcome(node, overlay, now, cfg.keepalive_s, cfg.idle_timeout_s,
+                          self._grant(session, now))
+        self._send(session, welcome, out)
+        self._send(session, Peers(tuple(p for n, p in sorted(self._published.items())
+                                        if n != node)), out)
+        event(log, logging.INFO, "control.hello", conn=session.conn, node=node,
+              overlay=record.overlay, replaced=previous is not None,
+              software=hello.software or "-")
+        self._publish(node, out)
+
+    def _signal(self, session: _Session, signal: Signal, now: float, out: list[Output]) -> None:
+        cfg = self.config
+        session.tokens = min(float(cfg.signal_burst),
+                             session.tokens + (now - session.tokens_at) * cfg.signals_per_s)
+        session.tokens_at = now
+        target = self._online.get(signal.peer)
+        if signal.peer == session.node:
+            return self._drop(session, signal, ErrorCode.BAD_PEER, "a signal to oneself", out)
+        if session.tokens < 1:
+            return self._drop(session, signal, ErrorCode.RATE_LIMITED,
+                              f"over {cfg.signals_per_s:g} signals/s", out)
+        session.tokens -= 1
+        if target is None:
+            return self._drop(session, signal, ErrorCode.PEER_OFFLINE,
+                              f"{signal.peer} is not connected", out)
+        try:
+            frame = encode_frame(Signal(session.node, signal.payload),
+                                 max_frame=cfg.max_signal_bytes)
+        except ValueError:
+            return self._drop(session, signal, ErrorCode.TOO_LARGE,
+                              f"signal larger than {cfg.max_signal_bytes} bytes", out)
+        self.metrics.signals_routed += 1
+        out.append(SendFrame(target.conn, frame))
+
+    def _drop(self, session: _Session, signal: Signal, code: ErrorCode, text: str,
+              out: list[Output]) -> None:
+        dropped = self.metrics.signals_dropped
+        dropped[code.value] = dropped.get(code.value, 0) + 1
+        event(log, logging.DEBUG, "control.signal_drop", node=session.node, peer=signal.peer,
+              reason=code.value)
+        self._send(session, Error(code.value, text, signal.peer), out)
+
+    # --- helpers ------------------------------------------------------------------------------
+
+    def _grant(self, session: _Session, now: float) -> TurnGrant | None:
+        cfg = self.config
+        if cfg.turn_secret is None:
+            return None
+        creds = mint_credentials(cfg.turn_secret, session.node, now, cfg.turn_ttl_s)
+        self.metrics.credentials_issued += 1
+        session.turn_refresh_at = now + cfg.turn_ttl_s / 2
+        return TurnGrant(creds.username, creds.password, creds.expires, cfg.turn_realm,
+                         cfg.turn_servers)
+
+    def _info(self, node: str, *, online: bool) -> PeerInfo | None:
+        record = self.registry.get(node)
+        if record is None or record.static_key is None or not self.registry.usable(record):
+            return None
+        session = self._online.get(node)
+        previous = self._published.get(node)
+        nat = session.nat if session is not None else previous.nat if previous else None
+        return PeerInfo(node, record.overlay, record.static_key, online, nat)
+
+    def _publish(self, node: str, out: list[Output]) -> None:
+        """Tell every other online node about a change of `node`'s entry."""
+        info = self._info(node, online=node in self._online)
+        if info is None or self._published.get(node) == info:
+            return
+        left = node not in self._online
+        self._published[node] = info
+        message: Message = PeerLeft(node) if left else PeerJoined(info)
+        frame = encode_frame(message)
+        out.extend(SendFrame(s.conn, frame) for n, s in self._online.items() if n != node)
+
+    def _send(self, session: _Session, message: Message, out: list[Output]) -> None:
+        out.append(SendFrame(session.conn, encode_frame(message)))
+
+    def _protocol_error(self, session: _Session, text: str, now: float,
+                        out: list[Output]) -> list[Output]:
+        self.metrics.protocol_errors += 1
+        event(log, logging.WARNING, "control.protocol_error", conn=session.conn,
+              node=session.node, error=text)
+        self._fail(session, ErrorCode.PROTOCOL, text, now, out)
+        return out
+
+    def _fail(self, session: _Session, code: ErrorCode, text: str, now: float,
+              out: list[Output], *, count: bool = True, announce: bool = True) -> None:
+        """Send a fatal error, close the connection and end the session."""
+        if count:
+            self.metrics.refused[code.value] = self.metrics.refused.get(code.value, 0) + 1
+        self._send(session, Error(code.value, text), out)
+        out.append(CloseConnection(session.conn, code.value))
+        self._end(session, code.value, now, out, announce=announce)
+
+    def _end(self, session: _Session, reason: str, now: float, out: list[Output], *,
+             announce: bool = True) -> None:
+        was_active = session.state is SessionState.ACTIVE
+        session.move("close")
+        del self._sessions[session.conn]
+        if self._online.get(session.node) is session:
+            del self._online[session.node]
+            if announce:
+                self._publish(session.node, out)
+        if was_active:
+            event(log, logging.INFO, "control.bye", conn=session.conn, node=session.node,
+                  reason=reason)
+        if not self._sessions:
+            self._next_sweep = None
+
+    def _refuse_unregistered(self, conn: ConnectionId, code: ErrorCode,
+                             text: str) -> list[Output]:
+        self.metrics.refused[code.value] = self.metrics.refused.get(code.value, 0) + 1
+        return [SendFrame(conn, encode_frame(Error(code.value, text))),
+                CloseConnection(conn, code.value)]
+

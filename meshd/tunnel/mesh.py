@@ -1,0 +1,829 @@
+"""One agent's tunnel, sans-I/O: `MeshNode` composes the control client's view of the mesh,
+candidate gathering (STUN, TURN), one `PathMachine` per peer and the `TunnelEndpoint`, all over
+one UDP socket.
+
+Inputs (every entry point takes `now`, the monotonic clock the adapter runs on):
+
+- `control_event(ev, now)`: what `ControlClient.next_event()` returned (welcome, peer table,
+  signals, TURN credentials). Signals go out through `ControlClient.send_signal` (the adapter
+  flushes the client's commands afterwards).
+- `receive_batch([(datagram, source), ...], now)`: datagrams read from the tunnel socket.
+  Returns the IP packets to write to the TUN device.
+- `send_packets(packets, now)`: IP packets read from the TUN device. Returns the datagrams that
+  carry them (direct or through the relay).
+- `handle_timer(now)` at `get_timer()`.
+
+Outputs: `datagrams_to_send(now)` (checks, STUN/TURN requests, handshakes, keepalives; drain it
+after every input), `next_event()` (`PeerPathChanged`, `PeerUp`, `PeerDown`), `peer_status()`
+and `metrics`.
+
+Demultiplexing of the socket (RFC 7983 by the first byte):
+
+    0x00-0x03 STUN   from the STUN server   -> ReflexiveQuery (srflx gathering)
+                     from the TURN server   -> TurnClient (allocation, Data indications)
+                     from anyone else       -> the PathMachine whose check/response it is
+    0x40-0x7F ChannelData from the TURN server -> peer by channel -> demultiplexed again with
+                                                  local = our relayed address
+    0xE1-0xE3 tunnel -> TunnelEndpoint (sessions by receiver index; any path of the peer)
+
+Gathering: a host candidate (the socket's address), a server-reflexive one (`ReflexiveQuery` to
+the server's STUN port) and a relayed one (`TurnClient` with the control channel's credentials)
+are published together once both queries ended; the relay pair carries data from the first
+byte and the path machines upgrade to a direct pair when checks prove one. A lost or refused
+allocation is retried with backoff; a restart of checks re-runs the STUN query.
+
+Who may use which overlay address comes from the control channel's peer table only: the
+`CAPeerVerifier` is asked with it, and decrypted packets must come from the peer's address.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import random
+from collections import deque
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
+from edgeweave.log import event
+from meshd.control.client import (
+    ControlClient,
+    ControlEvent,
+    ControlNotReady,
+    CredentialsRefreshed,
+    Disconnected,
+    PeersChanged,
+    SignalReceived,
+    Welcomed,
+    effective_turn_servers,
+)
+from meshd.control.wire import PeerInfo, TurnGrant
+from meshd.stun.codec import Data, MessageClass, Method, StunMessage, XorPeerAddress, encode_message
+from meshd.tunnel.candidates import (
+    Candidate,
+    CandidateKind,
+    Description,
+    DescriptionError,
+    ReflexiveQuery,
+    encode_description,
+    gather,
+    parse_description,
+)
+from meshd.tunnel.endpoint import TunnelEndpoint
+from meshd.tunnel.identity import CAPeerVerifier, CertificateKey, LocalIdentity, Peer
+from meshd.tunnel.punch import (
+    ChecksRestarted,
+    DescriptionChanged,
+    PathChanged,
+    PathKind,
+    PathMachine,
+    PunchConfig,
+    State,
+    StateChanged,
+)
+from meshd.tunnel.session import (
+    DecryptedPackets,
+    HandshakeComplete,
+    HandshakeFailed,
+    Rejected,
+    TunnelConfig,
+)
+from meshd.tunnel.wire import OverlayAddress
+from meshd.turn.client import (
+    Allocated,
+    AllocationFailed,
+    AllocationLost,
+    ChannelBound,
+    ClientState,
+    DataReceived,
+    TurnClient,
+    TurnClientConfig,
+)
+from meshd.udp import Address, Transmit, format_address
+
+log = logging.getLogger("meshd.tunnel")
+
+SIGNAL_KIND = "ice"
+"""`kind` of the signals that carry a `Description` (`{"kind": "ice", "description": {...}}`)."""
+
+
+@dataclass(frozen=True)
+class MeshConfig:
+    """Tunables of one node's mesh (tests shorten them)."""
+
+    stun_server: Address
+    """The server's STUN address (srflx gathering); also the TURN server when the grant names
+    none."""
+    punch: PunchConfig = field(default_factory=PunchConfig)
+    """Path machine timers (keepalive etc.)."""
+    tunnel: TunnelConfig = field(default_factory=TunnelConfig)
+    """Crypto session timers."""
+    turn: TurnClientConfig = field(default_factory=TurnClientConfig)
+    """The relay client's settings."""
+    relay: bool = True
+    """Allocate on the TURN server (relay candidates)."""
+    relay_retry_s: float = 2.0
+    """First retry of a failed or lost allocation; doubles up to `relay_retry_max_s`."""
+    relay_retry_max_s: float = 30.0
+    """Longest wait between allocation attempts."""
+    relay_keepalive_s: float = 5.0
+    """A Binding indication to the TURN server this often keeps our NAT's mapping towards it
+    (the relay's way back to us) open, and reopens it within this time after NAT state loss."""
+
+
+# --- events ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PeerPathChanged:
+    """The path to a peer changed."""
+
+    peer: str
+    """The peer node."""
+    old: str
+    """Previous path kind (direct / relay / none)."""
+    new: str
+    """New path kind."""
+    remote: str
+    """The peer's address on the new path ("" without one)."""
+    at: float
+    """When (`now` clock)."""
+
+
+@dataclass(frozen=True)
+class PeerUp:
+    """A handshake with the peer completed (keys are fresh)."""
+
+    peer: str
+    """The peer node."""
+    rekey: bool
+    """It replaced earlier keys."""
+
+
+@dataclass(frozen=True)
+class PeerDown:
+    """Handshakes with the peer gave up."""
+
+    peer: str
+    """The peer node."""
+    dropped_packets: int
+    """Queued packets lost with it."""
+
+
+MeshEvent = PeerPathChanged | PeerUp | PeerDown
+
+
+@dataclass
+class MeshMetrics:
+    """Counters the agent exports (`meshd_tunnel_*`)."""
+
+    punch_attempts: dict[str, int] = field(default_factory=dict)
+    """Rounds of checks started, per peer NAT class."""
+    punch_successes: dict[str, int] = field(default_factory=dict)
+    """Rounds that found a direct pair, per peer NAT class."""
+    time_to_direct_s: dict[str, float] = field(default_factory=dict)
+    """Last round start → direct selection, per peer."""
+    relay_bytes_out: int = 0
+    """Bytes sent through the relay (encapsulated datagrams)."""
+    relay_bytes_in: int = 0
+    """Bytes received through the relay."""
+    direct_bytes_out: int = 0
+    """Bytes sent on direct paths."""
+    rekeys: int = 0
+    """Handshakes that replaced keys."""
+    handshakes: int = 0
+    """Handshakes completed."""
+    rejected: dict[str, int] = field(default_factory=dict)
+    """Tunnel datagrams dropped, per reason (`replayed`, `auth-failed`, `spoofed-source` ...)."""
+    no_route: int = 0
+    """TUN packets to no known overlay address."""
+    no_path: int = 0
+    """Datagrams for a peer without any path (dropped)."""
+    garbage: int = 0
+    """Socket datagrams nobody claimed."""
+    signals_sent: int = 0
+    """Descriptions signaled."""
+    bad_signals: int = 0
+    """Signals from peers that did not parse."""
+    allocations: int = 0
+    """Relay allocations made."""
+
+
+@dataclass(frozen=True)
+class PeerStatus:
+    """One row of `meshd status`'s peer table."""
+
+    node: str
+    overlay: str
+    online: bool
+    state: str
+    """Path machine state (idle, checking, direct, relayed, failed)."""
+    path: str
+    """direct / relay / none."""
+    endpoint: str
+    """The peer's address on the path (its relayed address when relayed)."""
+    rtt_ms: float | None
+    bytes_in: int
+    bytes_out: int
+    last_handshake: float | None
+    """Unix time of the last completed handshake."""
+    time_to_direct_s: float | None
+    session: str
+    """Crypto session state."""
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"node": self.node, "overlay": self.overlay, "online": self.online,
+                "state": self.state, "path": self.path, "endpoint": self.endpoint,
+                "rttMs": self.rtt_ms, "bytesIn": self.bytes_in, "bytesOut": self.bytes_out,
+                "lastHandshake": self.last_handshake, "timeToDirectS": self.time_to_direct_s,
+                "session": self.session}
+
+
+class _TurnLink:
+    """`RelayLink` over the node's `TurnClient`: ChannelData once a channel is bound, a Send
+    indication before."""
+
+    def __init__(self, turn: TurnClient, relayed: Address, metrics: MeshMetrics) -> None:
+        self.turn = turn
+        self._relayed = relayed
+        self._metrics = metrics
+        self.channel_of: dict[Address, bytes] = {}  # peer -> 4-byte ChannelData header prefix
+        self.peer_of: dict[int, Address] = {}
+        self._txid = 0
+
+    @property
+    def relayed_address(self) -> Address:
+        return self._relayed
+
+    def bound(self, peer: Address, channel: int) -> None:
+        self.channel_of[peer] = channel.to_bytes(2, "big")
+        self.peer_of[channel] = peer
+
+    def send_via_relay(self, data: bytes, peer: Address) -> Transmit:
+        header = self.channel_of.get(peer)
+        if header is not None:
+            frame = header + len(data).to_bytes(2, "big") + data
+        else:
+            self._txid += 1
+            txid = (0x5EED << 64 | self._txid).to_bytes(12, "big")
+            frame = encode_message(StunMessage(MessageClass.INDICATION, Method.SEND, txid,
+                                               (XorPeerAddress(peer), Data(data))))
+        self._metrics.relay_bytes_out += len(frame)
+        return Transmit(self.turn.local, self.turn.server, frame)
+
+
+@dataclass
+class _Peer:
+    info: PeerInfo
+    machine: PathMachine
+    remote: Description | None = None
+    """The peer's last description."""
+    bound: tuple[int, Description] | None = None
+    """(allocation, description) whose relayed candidate has a channel."""
+    last_handshake: float | None = None
+    path: str = "none"
+
+
+class MeshNode:
+    """One node's tunnel; see the module doc."""
+
+    def __init__(
+        self,
+        control: ControlClient,
+        local: Address,
+        *,
+        certificate: x509.Certificate,
+        certificate_key: CertificateKey,
+        ca_certificate: x509.Certificate,
+        static_key: X25519PrivateKey,
+        config: MeshConfig,
+        rng: random.Random | None = None,
+        wall_offset: float = 0.0,
+        host_addresses: Sequence[Address] = (),
+    ) -> None:
+        self.control = control
+        """The control channel core (signals go out through it)."""
+        self.local = local
+        """The tunnel socket's address (host candidate, source of every Transmit)."""
+        self.config = config
+        self.metrics = MeshMetrics()
+        self.node: str | None = None
+        """This node's name, once welcomed."""
+        self.overlay: ipaddress.IPv4Interface | None = None
+        """Our overlay address, once welcomed."""
+        self.endpoint: TunnelEndpoint | None = None
+        """The crypto sessions (after the welcome)."""
+        self._cert, self._cert_key, self._static = certificate, certificate_key, static_key
+        self._verifier = CAPeerVerifier(ca_certificate, self._overlay_of)
+        self._rng = rng if rng is not None else random.SystemRandom()
+        self._wall_offset = wall_offset
+        self._hosts = tuple(host_addresses) or (local,)
+        self._peers: dict[str, _Peer] = {}
+        self._route: dict[bytes, str] = {}  # overlay address (packed) -> node
+        self._pending_remote: dict[str, Mapping[str, Any]] = {}
+        self._outbox: list[Transmit] = []
+        self._tun_out: list[bytes] = []
+        self._events: deque[MeshEvent] = deque()
+        self._control_host = config.stun_server[0]
+        self._grant: TurnGrant | None = None
+        self._query: ReflexiveQuery | None = None
+        self._srflx: tuple[Address, Address, Address] | None = None
+        self._turn: TurnClient | None = None
+        self._link: _TurnLink | None = None
+        self._relay_retry_at: float | None = None
+        self._relay_delay = config.relay_retry_s
+        self._gathered = False
+        self._link_changed = False
+        self._relay_keepalive_at: float | None = None
+
+    # --- inputs: control ------------------------------------------------------------------------
+
+    def control_event(self, ev: ControlEvent, now: float) -> None:
+        """One event of the control client."""
+        if isinstance(ev, Welcomed):
+            self._welcomed(ev, now)
+        elif isinstance(ev, PeersChanged):
+            self._peers_changed(ev.peers, ev.removed, now)
+        elif isinstance(ev, SignalReceived):
+            self._signal(ev.peer, ev.payload, now)
+        elif isinstance(ev, CredentialsRefreshed):
+            self._grant = ev.turn
+            if self._turn is not None:
+                self._turn.update_credentials(ev.turn.credentials())
+        elif isinstance(ev, Disconnected):
+            event(log, logging.INFO, "tunnel.control_lost", node=self.node, reason=ev.reason)
+
+    def _welcomed(self, ev: Welcomed, now: float) -> None:
+        first = self.endpoint is None
+        self.node = ev.node
+        if ev.turn is not None:
+            self._grant = ev.turn
+            if self._turn is not None:
+                self._turn.update_credentials(ev.turn.credentials())
+        if first or self.overlay != ev.overlay:
+            self.overlay = ev.overlay
+            identity = LocalIdentity.create(self._static, self._cert, self._cert_key,
+                                            ev.overlay.ip)
+            self.endpoint = TunnelEndpoint(identity, self._verifier, config=self.config.tunnel,
+                                           rng=self._rng, wall_offset=self._wall_offset,
+                                           accept_unknown_peers=False)
+            for name, peer in self._peers.items():
+                self.endpoint.add_peer(Peer(name, peer.info.static_key))
+            event(log, logging.INFO, "tunnel.welcome", node=ev.node, overlay=ev.overlay,
+                  local=format_address(self.local))
+        if first:
+            self._start_gathering(now)
+        else:  # the server may have lost signals while we were away: tell peers again
+            if self.config.relay and ev.sessions > 1 and self._turn is not None:
+                # The server may have restarted (allocations are not kept across restarts):
+                # allocate afresh; the old allocation is deleted if it still exists.
+                old = self._turn
+                old.close(now)
+                self._outbox += old.datagrams_to_send(now)
+                self._start_allocation(now)
+            for name, peer in self._peers.items():
+                if peer.info.online and peer.machine.local_description().candidates:
+                    self._send_description(name, peer.machine, now)
+
+    def _peers_changed(self, peers: Mapping[str, PeerInfo], removed: Iterable[str],
+                       now: float) -> None:
+        for name in removed:
+            self._drop_peer(name)
+        for name, info in peers.items():
+            if name == self.node:
+                continue
+            peer = self._peers.get(name)
+            if peer is None:
+                machine = PathMachine(self.node or "", name, config=self.config.punch,
+                                      rng=random.Random(self._rng.getrandbits(64)))
+                peer = _Peer(info, machine)
+                self._peers[name] = peer
+                if self._gathered:
+                    machine.set_local_candidates(self._candidates(), now, relay=self._link)
+                self._drain_machine(name, peer, now)
+                event(log, logging.INFO, "tunnel.peer_added", node=self.node, peer=name,
+                      overlay=info.overlay, online=info.online)
+            else:
+                came_online = info.online and not peer.info.online
+                if peer.info.overlay != info.overlay:
+                    self._route.pop(peer.info.overlay.packed, None)
+                peer.info = info
+                if came_online and peer.machine.local_description().candidates:
+                    self._send_description(name, peer.machine, now)
+            self._route[info.overlay.packed] = name
+            if self.endpoint is not None:
+                self.endpoint.add_peer(Peer(name, info.static_key))
+            stashed = self._pending_remote.pop(name, None)
+            if stashed is not None:
+                self._signal(name, stashed, now)
+
+    def _drop_peer(self, name: str) -> None:
+        peer = self._peers.pop(name, None)
+        if peer is None:
+            return
+        self._route.pop(peer.info.overlay.packed, None)
+        if self.endpoint is not None:
+            self.endpoint.remove_peer(name)
+        event(log, logging.INFO, "tunnel.peer_removed", node=self.node, peer=name)
+
+    def _signal(self, name: str, payload: Mapping[str, Any], now: float) -> None:
+        if payload.get("kind") != SIGNAL_KIND:
+            self.metrics.bad_signals += 1
+            return
+        peer = self._peers.get(name)
+        if peer is None:  # not in our table yet: keep the latest one
+            self._pending_remote[name] = payload
+            return
+        try:
+            description = parse_description(payload.get("description"))
+        except DescriptionError as exc:
+            self.metrics.bad_signals += 1
+            event(log, logging.WARNING, "tunnel.bad_signal", node=self.node, peer=name,
+                  error=exc)
+            return
+        new_session = peer.remote is None or description.ufrag != peer.remote.ufrag
+        peer.remote = description
+        peer.machine.set_remote_candidates(description, now)
+        if new_session and peer.machine.local_description().candidates:
+            # The peer (re)started: it may never have seen our description.
+            self._send_description(name, peer.machine, now)
+        self._drain_machine(name, peer, now)
+
+    def _send_description(self, name: str, machine: PathMachine, now: float) -> None:
+        payload = {"kind": SIGNAL_KIND,
+                   "description": encode_description(machine.local_description())}
+        try:
+            self.control.send_signal(name, payload, now)
+        except ControlNotReady:
+            return  # sent again after the next welcome
+        self.metrics.signals_sent += 1
+
+    # --- gathering ------------------------------------------------------------------------------
+
+    def _start_gathering(self, now: float) -> None:
+        self._start_query(now)
+        if self.config.relay:
+            self._start_allocation(now)
+
+    def _start_query(self, now: float) -> None:
+        if self._query is not None and not self._query.done:
+            return
+        self._query = ReflexiveQuery(self.local, self.config.stun_server, now,
+                                     new_transaction_id=lambda: self._rng.randbytes(12))
+
+    def _turn_server(self) -> Address | None:
+        if self._grant is None:
+            return None
+        for server in effective_turn_servers(self._grant, self._control_host):
+            if server.transport == "udp":
+                try:
+                    ipaddress.ip_address(server.host)
+                except ValueError:
+                    continue
+                return (server.host, server.port)
+        return None
+
+    def _start_allocation(self, now: float) -> None:
+        server = self._turn_server()
+        if server is None or self._grant is None:
+            return
+        self._relay_retry_at = None
+        self._turn = TurnClient(server, self._grant.credentials(), local=self.local,
+                                config=self.config.turn,
+                                rng=random.Random(self._rng.getrandbits(64)))
+        self._turn.allocate(now)
+
+    def _relay_settled(self) -> bool:
+        return (not self.config.relay or self._turn is None
+                or self._turn.state is not ClientState.ALLOCATING)
+
+    def _maybe_publish(self, now: float) -> None:
+        """Publish candidates once the STUN query ended and the allocation settled."""
+        if self._query is None or not self._query.done or not self._relay_settled():
+            return
+        srflx = self._query.candidate()
+        if self._gathered and srflx == self._srflx and not self._link_changed:
+            return
+        self._srflx = srflx
+        self._gathered, self._link_changed = True, False
+        cands = self._candidates()
+        event(log, logging.INFO, "tunnel.candidates", node=self.node,
+              candidates=" ".join(f"{c.kind.value}:{format_address(c.address)}" for c in cands))
+        for name, peer in self._peers.items():
+            peer.machine.set_local_candidates(cands, now, relay=self._link)
+            self._drain_machine(name, peer, now)
+
+    def _candidates(self) -> tuple[Candidate, ...]:
+        relayed = [] if self._link is None else [(self._link.relayed_address,
+                                                  self._link.turn.server)]
+        return gather(list(self._hosts), [self._srflx] if self._srflx else [], relayed)
+
+    def _turn_events(self, now: float) -> None:
+        turn = self._turn
+        if turn is None:
+            return
+        while (ev := turn.next_event()) is not None:
+            if isinstance(ev, DataReceived):
+                if self._link is not None:
+                    self.metrics.relay_bytes_in += len(ev.data)
+                    self._inner(ev.data, ev.peer, self._link.relayed_address, now)
+            elif isinstance(ev, ChannelBound):
+                if self._link is not None:
+                    self._link.bound(ev.peer, ev.channel)
+            elif isinstance(ev, Allocated):
+                self.metrics.allocations += 1
+                self._relay_delay = self.config.relay_retry_s
+                self._link = _TurnLink(turn, ev.relayed, self.metrics)
+                self._link_changed = True
+                self._relay_keepalive_at = now + self.config.relay_keepalive_s
+                event(log, logging.INFO, "tunnel.relay_allocated", node=self.node,
+                      relayed=format_address(ev.relayed), mapped=format_address(ev.mapped))
+                for peer in self._peers.values():
+                    self._bind_peer_relay(peer, now)
+            elif isinstance(ev, AllocationFailed | AllocationLost):
+                event(log, logging.WARNING, "tunnel.relay_lost", node=self.node,
+                      reason=ev.reason, retry_s=self._relay_delay)
+                self._turn, self._link = None, None
+                self._link_changed = True
+                self._relay_retry_at = now + self._relay_delay
+                self._relay_delay = min(self._relay_delay * 2, self.config.relay_retry_max_s)
+                self._maybe_publish(now)
+                return
+
+    def _bind_peer_relay(self, peer: _Peer, now: float) -> None:
+        """Channel (and permission) for the peer's relayed candidate, so the relay pair works
+        from the first byte."""
+        if self._turn is None or self._turn.state is not ClientState.ALLOCATED:
+            return
+        if peer.remote is None or peer.bound == (self.metrics.allocations, peer.remote):
+            return
+        peer.bound = (self.metrics.allocations, peer.remote)
+        for cand in peer.remote.candidates:
+            if cand.kind is CandidateKind.RELAY and not cand.ipv6:
+                self._turn.bind_channel(cand.address, now)
+
+    # --- inputs: socket and TUN -----------------------------------------------------------------
+
+    def receive_batch(self, datagrams: Iterable[tuple[bytes, Address]], now: float) -> list[bytes]:
+        """Datagrams from the socket; returns the IP packets for the TUN device."""
+        tunnel: list[bytes] = []
+        turn = self._turn
+        turn_server = turn.server if turn is not None else None
+        link = self._link
+        local = self.local
+        for data, source in datagrams:
+            if not data:
+                continue
+            first = data[0]
+            if 0xE1 <= first <= 0xE3:
+                tunnel.append(data)
+            elif 0x40 <= first <= 0x7F and source == turn_server and link is not None:
+                peer = link.peer_of.get(int.from_bytes(data[:2], "big"))
+                length = int.from_bytes(data[2:4], "big")
+                if peer is None or len(data) < 4 + length:
+                    self.metrics.garbage += 1
+                    continue
+                self.metrics.relay_bytes_in += len(data)
+                inner = data[4:4 + length]
+                if inner and 0xE1 <= inner[0] <= 0xE3:
+                    tunnel.append(inner)
+                else:
+                    self._inner(inner, peer, link.relayed_address, now)
+            else:
+                self._stun(data, source, local, now)
+        if tunnel and self.endpoint is not None:
+            self._endpoint_events(self.endpoint.receive_batch(tunnel, now), now)
+        out, self._tun_out = self._tun_out, []
+        return out
+
+    def _inner(self, data: bytes, source: Address, local: Address, now: float) -> None:
+        """A datagram the relay forwarded from `source` to our relayed address."""
+        if data and 0xE1 <= data[0] <= 0xE3:
+            if self.endpoint is not None:
+                self._endpoint_events(self.endpoint.receive_batch([data], now), now)
+            return
+        self._stun(data, source, local, now)
+
+    def _stun(self, data: bytes, source: Address, local: Address, now: float) -> None:
+        if data[0] > 3:
+            self.metrics.garbage += 1
+            return
+        if local == self.local:
+            if self._query is not None and self._query.receive(data, source, local, now):
+                self._maybe_publish(now)
+                return
+            if self._turn is not None and source == self._turn.server:
+                self._turn.handle_datagram(data, source, now)
+                self._turn_events(now)
+                self._maybe_publish(now)
+                return
+        for name, peer in self._peers.items():
+            if peer.machine.receive(data, source, local, now):
+                self._drain_machine(name, peer, now)
+                return
+        self.metrics.garbage += 1
+
+    def send_packets(self, packets: Sequence[bytes], now: float) -> list[Transmit]:
+        """IP packets from the TUN device → datagrams to send now."""
+        out: list[Transmit] = []
+        endpoint = self.endpoint
+        if endpoint is None:
+            self.metrics.no_route += len(packets)
+            return out
+        route = self._route
+        groups: dict[str, list[bytes]] = {}
+        for packet in packets:
+            node = route.get(packet[16:20]) if packet and packet[0] >> 4 == 4 else None
+            if node is None:
+                self.metrics.no_route += 1
+                continue
+            group = groups.get(node)
+            if group is None:
+                groups[node] = [packet]
+            else:
+                group.append(packet)
+        for node, group in groups.items():
+            peer = self._peers[node]
+            for datagram in endpoint.encrypt(node, group, now):
+                self._transmit(peer, datagram, now, out)
+        return out
+
+    def _transmit(self, peer: _Peer, datagram: bytes, now: float, out: list[Transmit]) -> None:
+        t = peer.machine.transmit(datagram, now)
+        if t is None:
+            self.metrics.no_path += 1
+            return
+        if peer.path == "direct":
+            self.metrics.direct_bytes_out += len(datagram)
+        out.append(t)
+
+    # --- timers and outputs ---------------------------------------------------------------------
+
+    def handle_timer(self, now: float) -> None:
+        """Run whatever fell due."""
+        if self._query is not None and not self._query.done:
+            self._query.handle_timer(now)
+            self._maybe_publish(now)
+        if self._turn is not None:
+            self._turn.handle_timer(now)
+            self._turn_events(now)
+            self._maybe_publish(now)
+        if self._relay_retry_at is not None and now >= self._relay_retry_at:
+            self._start_allocation(now)
+        if self._relay_keepalive_at is not None and now >= self._relay_keepalive_at:
+            self._relay_keepalive_at = None
+            if self._link is not None:
+                indication = StunMessage(MessageClass.INDICATION, Method.BINDING,
+                                         self._rng.randbytes(12), fingerprint=True)
+                self._outbox.append(Transmit(self.local, self._link.turn.server,
+                                             encode_message(indication)))
+                self._relay_keepalive_at = now + self.config.relay_keepalive_s
+        for name, peer in self._peers.items():
+            timer = peer.machine.get_timer()
+            if timer is not None and now >= timer:
+                peer.machine.handle_timer(now)
+            self._drain_machine(name, peer, now)
+        if self.endpoint is not None:
+            timer = self.endpoint.get_timer()
+            if timer is not None and now >= timer:
+                self._endpoint_events(self.endpoint.handle_timer(now), now)
+
+    def get_timer(self) -> float | None:
+        """When to call `handle_timer` next."""
+        times = [self._relay_retry_at, self._relay_keepalive_at]
+        if self._query is not None:
+            times.append(self._query.get_timer())
+        if self._turn is not None:
+            times.append(self._turn.get_timer())
+        times += [peer.machine.get_timer() for peer in self._peers.values()]
+        if self.endpoint is not None:
+            times.append(self.endpoint.get_timer())
+        due = [t for t in times if t is not None]
+        return min(due) if due else None
+
+    def datagrams_to_send(self, now: float) -> list[Transmit]:
+        """Everything but data: STUN, TURN, checks, handshakes, keepalives."""
+        out, self._outbox = self._outbox, []
+        if self._query is not None:
+            out += self._query.datagrams_to_send(now)
+        if self._turn is not None:
+            out += self._turn.datagrams_to_send(now)
+            self._turn_events(now)
+        for name, peer in self._peers.items():
+            out += peer.machine.datagrams_to_send(now)
+            self._drain_machine(name, peer, now)
+        if self.endpoint is not None:
+            for node, datagram in self.endpoint.datagrams_to_send(now):
+                target = self._peers.get(node)
+                if target is not None:
+                    self._transmit(target, datagram, now, out)
+        if self._outbox:
+            out += self._outbox
+            self._outbox = []
+        return out
+
+    def next_event(self) -> MeshEvent | None:
+        """The oldest event not yet taken."""
+        return self._events.popleft() if self._events else None
+
+    # --- event plumbing -------------------------------------------------------------------------
+
+    def _nat_class(self, peer: _Peer) -> str:
+        return peer.info.nat.nat_type if peer.info.nat is not None else "unknown"
+
+    def _drain_machine(self, name: str, peer: _Peer, now: float) -> None:
+        machine = peer.machine
+        while (ev := machine.next_event()) is not None:
+            if isinstance(ev, DescriptionChanged):
+                self._send_description(name, machine, now)
+            elif isinstance(ev, PathChanged):
+                old, new = ev.old.kind.value, ev.new.kind.value
+                peer.path = new
+                remote = format_address(ev.new.remote) if ev.new.remote else ""
+                if ev.new.kind is PathKind.DIRECT:
+                    nat = self._nat_class(peer)
+                    self.metrics.punch_successes[nat] = self.metrics.punch_successes.get(nat, 0) + 1
+                    if machine.metrics.time_to_direct_s is not None:
+                        self.metrics.time_to_direct_s[name] = machine.metrics.time_to_direct_s
+                self._events.append(PeerPathChanged(name, old, new, remote, now))
+                event(log, logging.INFO, "tunnel.path", node=self.node, peer=name, old=old,
+                      new=new, remote=remote, ttd=machine.metrics.time_to_direct_s)
+            elif isinstance(ev, ChecksRestarted):
+                event(log, logging.INFO, "tunnel.checks_restarted", node=self.node, peer=name,
+                      reason=ev.reason)
+                self._start_query(now)  # the NAT mapping may have changed
+            elif isinstance(ev, StateChanged) and ev.new is State.CHECKING:
+                nat = self._nat_class(peer)
+                self.metrics.punch_attempts[nat] = self.metrics.punch_attempts.get(nat, 0) + 1
+        if self._turn is not None and self._turn.state is ClientState.ALLOCATED:
+            self._bind_peer_relay(peer, now)
+
+    def _endpoint_events(self, events: list[Any], now: float) -> None:
+        for ev in events:
+            if isinstance(ev, DecryptedPackets):
+                self._tun_out.extend(ev.packets)
+            elif isinstance(ev, Rejected):
+                reason = ev.reason.value
+                self.metrics.rejected[reason] = self.metrics.rejected.get(reason, 0) + ev.count
+                event(log, logging.DEBUG, "tunnel.rejected", node=self.node, peer=ev.peer,
+                      reason=reason, count=ev.count)
+            elif isinstance(ev, HandshakeComplete):
+                self.metrics.handshakes += 1
+                if ev.rekey:
+                    self.metrics.rekeys += 1
+                known = self._peers.get(ev.peer)
+                if known is not None:
+                    known.last_handshake = now + self._wall_offset
+                self._events.append(PeerUp(ev.peer, ev.rekey))
+                if not ev.rekey:
+                    event(log, logging.INFO, "tunnel.peer_up", node=self.node, peer=ev.peer,
+                          initiator=ev.initiator)
+            elif isinstance(ev, HandshakeFailed):
+                self._events.append(PeerDown(ev.peer, ev.dropped_packets))
+                event(log, logging.WARNING, "tunnel.peer_down", node=self.node, peer=ev.peer,
+                      attempts=ev.attempts)
+
+    def _overlay_of(self, node: str) -> list[OverlayAddress]:
+        info = self.control.peers.get(node)
+        return [] if info is None else [info.overlay]
+
+    # --- status ---------------------------------------------------------------------------------
+
+    def peer_status(self) -> list[PeerStatus]:
+        """One row per peer, by name."""
+        rows = []
+        for name in sorted(self._peers):
+            peer = self._peers[name]
+            path = peer.machine.current_path()
+            session = self.endpoint.session(name) if self.endpoint is not None else None
+            stats = session.stats() if session is not None else None
+            rows.append(PeerStatus(
+                node=name, overlay=str(peer.info.overlay), online=peer.info.online,
+                state=peer.machine.state.value, path=path.kind.value,
+                endpoint=format_address(path.remote) if path.remote else "",
+                rtt_ms=None if path.rtt is None else round(path.rtt * 1000, 3),
+                bytes_in=stats.bytes_received if stats else 0,
+                bytes_out=stats.bytes_sent if stats else 0,
+                last_handshake=peer.last_handshake,
+                time_to_direct_s=peer.machine.metrics.time_to_direct_s,
+                session=stats.state if stats else "none"))
+        return rows
+
+    def peer_overlay(self, node: str) -> ipaddress.IPv4Address | None:
+        """`node`'s overlay address when it is online and not us."""
+        peer = self._peers.get(node)
+        return peer.info.overlay if peer is not None and peer.info.online else None
+
+    @property
+    def relayed_address(self) -> Address | None:
+        """Our relayed candidate, if allocated."""
+        return None if self._link is None else self._link.relayed_address
+
+    def close(self, now: float) -> None:
+        """Delete the relay allocation (send `datagrams_to_send` once more)."""
+        if self._turn is not None:
+            self._turn.close(now)

@@ -1,0 +1,379 @@
+"""The asyncio adapter of `MeshNode`: one UDP socket, the TUN device, the control connection,
+one timer. No decisions here (those are `MeshNode`'s): every callback feeds the core, sends what
+it returns, writes packets to the TUN device and re-arms the timer.
+
+    service = await TunnelService.start(settings)      # dials meshd server, opens the socket
+    await service.wait_ready(timeout)                  # welcomed: mesh0 is up
+    service.status(); service.metrics_samples()
+    await service.stop()                               # mesh0 and the allocation are gone
+
+Reads are batched: one readiness callback drains the socket (`recvfrom` until EAGAIN, at most
+`READ_BATCH`) and the TUN device (`read_batch`) and hands the batch to the core at once
+(design §3). `Transmit.ttl` is honoured per datagram (IP_TTL set around the send).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import ipaddress
+import logging
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import yaml
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+from cryptography.hazmat.primitives.serialization import load_pem_private_key
+
+from edgeweave.log import event
+from meshd.control.client import ControlClient, ControlClientConfig, ControlEvent
+from meshd.control.service import ControlConnector, agent_tls_context
+from meshd.tunnel.identity import CertificateKey
+from meshd.tunnel.mesh import MeshConfig, MeshNode
+from meshd.tunnel.noise import public_bytes
+from meshd.tunnel.tun import TunDevice
+from meshd.udp import Address, Transmit
+
+log = logging.getLogger("meshd.tunnel")
+
+READ_BATCH = 256
+"""Datagrams (or TUN packets) handed to the core per readiness callback at most."""
+
+
+class TunnelError(Exception):
+    """The tunnel cannot start (credentials, socket, TUN device); the message names what."""
+
+
+@dataclass(frozen=True)
+class TunnelSettings:
+    """What the agent's `tunnel:` section resolves to."""
+
+    server_host: str
+    """`meshd server`'s address (control, STUN, TURN)."""
+    control_port: int
+    """Its control channel port (20004)."""
+    stun_port: int
+    """Its STUN/TURN port (3478)."""
+    kubeconfig: Path
+    """Node kubeconfig: cluster CA, node certificate and key."""
+    interface: str = "mesh0"
+    """TUN device name."""
+    mtu: int = 1380
+    """TUN MTU."""
+    listen_port: int = 0
+    """UDP port of the tunnel socket; 0 = a random one (design §6)."""
+    mesh: MeshConfig | None = None
+    """Core tunables (default: `MeshConfig(stun_server)`)."""
+
+
+def node_material(kubeconfig: Path) -> tuple[x509.Certificate, CertificateKey, x509.Certificate]:
+    """(node certificate, its key, cluster CA) from a node kubeconfig (inline `*-data` or file
+    references, as `cloudcore certs node` writes them). Raises TunnelError."""
+    where = str(kubeconfig)
+    try:
+        doc = yaml.safe_load(kubeconfig.read_text(encoding="utf-8"))
+        ctx_name = doc["current-context"]
+        ctx = next(c["context"] for c in doc["contexts"] if c["name"] == ctx_name)
+        cluster = next(c["cluster"] for c in doc["clusters"] if c["name"] == ctx["cluster"])
+        user = next(u["user"] for u in doc["users"] if u["name"] == ctx["user"])
+    except (OSError, yaml.YAMLError, KeyError, TypeError, StopIteration) as exc:
+        raise TunnelError(f"{where}: not a usable node kubeconfig ({exc!r})") from None
+
+    def pem(section: dict[str, Any], name: str) -> bytes:
+        if section.get(f"{name}-data"):
+            return base64.b64decode(section[f"{name}-data"])
+        if section.get(name):
+            path = Path(section[name])
+            return (path if path.is_absolute() else kubeconfig.parent / path).read_bytes()
+        raise TunnelError(f"{where}: {name}(-data) missing (the tunnel needs a node certificate)")
+
+    try:
+        cert = x509.load_pem_x509_certificate(pem(user, "client-certificate"))
+        key = load_pem_private_key(pem(user, "client-key"), None)
+        ca = x509.load_pem_x509_certificate(pem(cluster, "certificate-authority"))
+    except (OSError, ValueError, TypeError) as exc:
+        raise TunnelError(f"{where}: {exc}") from None
+    if not isinstance(key, CertificateKey):
+        raise TunnelError(f"{where}: unsupported client key type")
+    return cert, key, ca
+
+
+def route_source(destination: str) -> str:
+    """The local IP the kernel uses towards `destination` (the host candidate)."""
+    family = socket.AF_INET6 if ":" in destination else socket.AF_INET
+    with socket.socket(family, socket.SOCK_DGRAM) as probe:
+        probe.connect((destination, 9))
+        return str(probe.getsockname()[0])
+
+
+class TunnelService:
+    """A `MeshNode` on real sockets."""
+
+    def __init__(self, node: MeshNode, sock: socket.socket, connector: ControlConnector,
+                 settings: TunnelSettings) -> None:
+        self.node = node
+        """The core."""
+        self.settings = settings
+        self.tun: TunDevice | None = None
+        """mesh0, once welcomed."""
+        self.send_errors = 0
+        """Datagrams the kernel refused."""
+        self.tun_drops = 0
+        """Packets the TUN device refused."""
+        self._sock = sock
+        self._connector = connector
+        self._loop = asyncio.get_running_loop()
+        self._timer: asyncio.TimerHandle | None = None
+        self._deadline: float | None = None
+        self._ready = asyncio.Event()
+        self._on_ready: list[Callable[[], None]] = []
+        self._closed = False
+        self._signals_flushed = 0
+        self._control_due = False
+
+    @classmethod
+    async def start(cls, settings: TunnelSettings) -> TunnelService:
+        """Open the socket and dial the control channel (mesh0 follows the welcome)."""
+        cert, key, ca = node_material(settings.kubeconfig)
+        try:
+            tls = agent_tls_context(kubeconfig=settings.kubeconfig)
+        except Exception as exc:
+            raise TunnelError(f"tunnel: {exc}") from None
+        server_ip = socket.getaddrinfo(settings.server_host, settings.stun_port,
+                                       type=socket.SOCK_DGRAM)[0][4][0]
+        host_ip = route_source(str(server_ip))
+        sock = socket.socket(socket.AF_INET6 if ":" in host_ip else socket.AF_INET,
+                             socket.SOCK_DGRAM)
+        try:
+            sock.bind((host_ip, settings.listen_port))
+        except OSError as exc:
+            sock.close()
+            raise TunnelError(f"tunnel: cannot bind UDP {host_ip}:{settings.listen_port}: "
+                              f"{exc.strerror}") from None
+        sock.setblocking(False)
+        for opt in (socket.SO_RCVBUF, socket.SO_SNDBUF):
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, opt, 4 << 20)
+        local: Address = (host_ip, sock.getsockname()[1])
+        static = X25519PrivateKey.generate()
+        client = ControlClient(ControlClientConfig(public_bytes(static)))
+        loop = asyncio.get_running_loop()
+        stun_server: Address = (str(server_ip), settings.stun_port)
+        mesh_config = (MeshConfig(stun_server=stun_server) if settings.mesh is None
+                       else replace(settings.mesh, stun_server=stun_server))
+        node = MeshNode(client, local, certificate=cert, certificate_key=key,
+                        ca_certificate=ca, static_key=static, config=mesh_config,
+                        wall_offset=time.time() - loop.time())
+        holder: list[TunnelService] = []
+        connector = ControlConnector(client, settings.server_host, settings.control_port, tls,
+                                     on_event=lambda ev: holder[0]._control(ev))
+        service = cls(node, sock, connector, settings)
+        holder.append(service)
+        loop.add_reader(sock.fileno(), service._on_socket)
+        connector.start()
+        event(log, logging.INFO, "tunnel.start", local=f"{host_ip}:{local[1]}",
+              server=f"{settings.server_host}:{settings.control_port}")
+        return service
+
+    async def wait_ready(self, timeout: float | None = None) -> bool:
+        """Wait for the welcome (mesh0 up); False on timeout."""
+        try:
+            await asyncio.wait_for(self._ready.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True
+
+    def on_ready(self, callback: Callable[[], None]) -> None:
+        """Call `callback` once mesh0 is up."""
+        if self._ready.is_set():
+            callback()
+        else:
+            self._on_ready.append(callback)
+
+    # --- callbacks: feed, flush -----------------------------------------------------------------
+
+    def _control(self, ev: ControlEvent) -> None:
+        self.node.control_event(ev, self._loop.time())
+        if self.tun is None and self.node.overlay is not None:
+            self._open_tun()
+        self._flush()
+
+    def _open_tun(self) -> None:
+        overlay = self.node.overlay
+        assert overlay is not None
+        try:
+            self.tun = TunDevice.open(self.settings.interface, str(overlay.ip),
+                                      overlay.network.prefixlen, self.settings.mtu)
+        except Exception as exc:
+            event(log, logging.ERROR, "tunnel.tun_failed", interface=self.settings.interface,
+                  error=exc)
+            return
+        self._loop.add_reader(self.tun.fd, self._on_tun)
+        event(log, logging.INFO, "tunnel.tun_up", interface=self.settings.interface,
+              address=overlay)
+        self._ready.set()
+        for callback in self._on_ready:
+            callback()
+        self._on_ready.clear()
+
+    def _on_socket(self) -> None:
+        recv = self._sock.recvfrom
+        batch: list[tuple[bytes, Any]] = []
+        for _ in range(READ_BATCH):
+            try:
+                batch.append(recv(65535))
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError:  # ICMP errors surface here (ECONNREFUSED): nothing to read
+                continue
+        if not batch:
+            return
+        packets = self.node.receive_batch(batch, self._loop.time())
+        tun = self.tun
+        if tun is not None:
+            for packet in packets:
+                if not tun.write(packet):
+                    self.tun_drops += 1
+        self._flush()
+
+    def _on_tun(self) -> None:
+        tun = self.tun
+        if tun is None:
+            return
+        packets = tun.read_batch(READ_BATCH)
+        if not packets:
+            return
+        self._send(self.node.send_packets(packets, self._loop.time()))
+        self._flush()
+
+    def _send(self, transmits: list[Transmit]) -> None:
+        sendto = self._sock.sendto
+        for t in transmits:
+            try:
+                if t.ttl is None:
+                    sendto(t.data, t.destination)
+                else:
+                    self._sock.setsockopt(socket.IPPROTO_IP, socket.IP_TTL, t.ttl)
+                    try:
+                        sendto(t.data, t.destination)
+                    finally:
+                        self._sock.setsockopt(socket.IPPROTO_IP, socket.IP_TTL, 64)
+            except OSError:
+                self.send_errors += 1
+
+    def _flush(self) -> None:
+        now = self._loop.time()
+        self._send(self.node.datagrams_to_send(now))
+        if self.node.metrics.signals_sent != self._signals_flushed and not self._control_due:
+            # The core signaled through the control client: have the connector write it now
+            # (soon, not from inside its own event callback).
+            self._control_due = True
+            self._loop.call_soon(self._flush_control)
+        while self.node.next_event() is not None:
+            pass  # logged by the core; status reads peer_status()
+        deadline = self.node.get_timer()
+        if deadline == self._deadline or self._closed:
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._deadline = deadline
+        if deadline is not None:
+            self._timer = self._loop.call_at(deadline, self._on_timer)
+
+    def _flush_control(self) -> None:
+        self._control_due = False
+        self._signals_flushed = self.node.metrics.signals_sent
+        if not self._closed:
+            self._connector.flush()
+
+    def _on_timer(self) -> None:
+        self._timer, self._deadline = None, None
+        self.node.handle_timer(self._loop.time())
+        self._flush()
+
+    # --- status ---------------------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        """The `tunnel` part of `/status`."""
+        node = self.node
+        return {
+            "node": node.node, "overlay": str(node.overlay) if node.overlay else None,
+            "interface": self.settings.interface if self.tun is not None else None,
+            "local": f"{node.local[0]}:{node.local[1]}",
+            "relayed": (f"{node.relayed_address[0]}:{node.relayed_address[1]}"
+                        if node.relayed_address else None),
+            "control": node.control.state.value,
+            "peers": [p.as_dict() for p in node.peer_status()],
+        }
+
+    def metrics_samples(self) -> list[tuple[str, dict[str, str], float]]:
+        """`meshd_tunnel_*` samples for `/metrics`."""
+        m = self.node.metrics
+        out: list[tuple[str, dict[str, str], float]] = []
+        for nat, n in sorted(m.punch_attempts.items()):
+            out.append(("meshd_tunnel_punch_attempts_total", {"nat": nat}, n))
+        for nat, n in sorted(m.punch_successes.items()):
+            out.append(("meshd_tunnel_punch_successes_total", {"nat": nat}, n))
+        for peer, s in sorted(m.time_to_direct_s.items()):
+            out.append(("meshd_tunnel_time_to_direct_seconds", {"peer": peer}, s))
+        for reason, n in sorted(m.rejected.items()):
+            out.append(("meshd_tunnel_rejected_total", {"reason": reason}, n))
+        out += [
+            ("meshd_tunnel_dropped_replays_total", {}, m.rejected.get("replayed", 0)),
+            ("meshd_tunnel_relay_bytes_total", {"direction": "out"}, m.relay_bytes_out),
+            ("meshd_tunnel_relay_bytes_total", {"direction": "in"}, m.relay_bytes_in),
+            ("meshd_tunnel_direct_bytes_total", {"direction": "out"}, m.direct_bytes_out),
+            ("meshd_tunnel_rekeys_total", {}, m.rekeys),
+            ("meshd_tunnel_handshakes_total", {}, m.handshakes),
+            ("meshd_tunnel_no_path_total", {}, m.no_path),
+            ("meshd_tunnel_no_route_total", {}, m.no_route),
+            ("meshd_tunnel_garbage_total", {}, m.garbage),
+            ("meshd_tunnel_send_errors_total", {}, self.send_errors),
+            ("meshd_tunnel_tun_drops_total", {}, self.tun_drops),
+        ]
+        for p in self.node.peer_status():
+            out.append(("meshd_tunnel_peer_path", {"peer": p.node, "path": p.path}, 1))
+            out.append(("meshd_tunnel_peer_bytes_total", {"peer": p.node, "direction": "in"},
+                        p.bytes_in))
+            out.append(("meshd_tunnel_peer_bytes_total", {"peer": p.node, "direction": "out"},
+                        p.bytes_out))
+        return out
+
+    def connect_address(self, node: str, port: int) -> Address | None:
+        """`PeerDirectory` helper: the peer's overlay address and `port`, if online."""
+        overlay = self.node.peer_overlay(node)
+        return None if overlay is None else (str(overlay), port)
+
+    async def stop(self) -> None:
+        """Delete the allocation, close the control channel, the socket and mesh0."""
+        if self._closed:
+            return
+        now = self._loop.time()
+        self.node.close(now)
+        self._send(self.node.datagrams_to_send(now))
+        self._closed = True
+        if self._timer is not None:
+            self._timer.cancel()
+        await self._connector.close()
+        self._loop.remove_reader(self._sock.fileno())
+        self._sock.close()
+        if self.tun is not None:
+            self._loop.remove_reader(self.tun.fd)
+            self.tun.close()
+            self.tun = None
+        event(log, logging.INFO, "tunnel.stop", node=self.node.node)
+
+
+def overlay_of(status: dict[str, Any], node: str) -> ipaddress.IPv4Address | None:
+    """A peer's overlay address from a `/status` document's tunnel part."""
+    for peer in status.get("peers", []):
+        if peer.get("node") == node:
+            return ipaddress.IPv4Address(peer["overlay"])
+    return None

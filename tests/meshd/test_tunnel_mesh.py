@@ -1,0 +1,306 @@
+"""meshd.tunnel.mesh: whole nodes (control client, gathering, path machines, crypto sessions,
+relay client) over meshd.simnet with NATs, the in-memory control plane and a TURN server core on
+the simulated internet. No sockets, no sleeping; a failing test prints the datagram trace."""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import ipaddress
+import random
+import struct
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
+from edgeweave.pki import CertificateAuthority, node_identity
+from meshd.control.client import ControlClient, ControlClientConfig
+from meshd.control.memory import MemoryControlPlane
+from meshd.control.registry import MemoryRegistryStore
+from meshd.control.server import ControlServer, ControlServerConfig
+from meshd.simnet import APDF, APDM, EIF, EIM, SimNat, SimNetwork
+from meshd.stun.server import ServerAddresses, StunServer
+from meshd.tunnel.mesh import MeshConfig, MeshNode, PeerPathChanged
+from meshd.tunnel.noise import public_bytes
+from meshd.tunnel.punch import PunchConfig
+from meshd.turn.ports import MemoryRelayPorts
+from meshd.turn.server import TurnServer, TurnServerConfig
+from meshd.udp import Address, Transmit
+
+EPOCH = 1_700_000_000.0
+CERT_TIME = dt.datetime(2026, 3, 1, 12, 0, tzinfo=dt.UTC)
+SERVER_IP = "198.51.100.1"
+STUN: Address = (SERVER_IP, 3478)
+SECRET = b"turn-secret"
+CA = CertificateAuthority.generate(now=CERT_TIME)
+TURN_CONFIG = TurnServerConfig(realm="edgeweave", secrets=(SECRET,), relay_ip=SERVER_IP,
+                               min_port=50000, max_port=50999)
+
+PORT_RESTRICTED: dict[str, Any] = {"mapping": EIM, "filtering": APDF, "preserve_ports": True}
+SYMMETRIC: dict[str, Any] = {"mapping": APDM, "filtering": APDF}
+FULL_CONE: dict[str, Any] = {"mapping": EIM, "filtering": EIF, "preserve_ports": True}
+
+
+def ip_packet(src: ipaddress.IPv4Address, dst: ipaddress.IPv4Address, marker: bytes) -> bytes:
+    body = marker
+    return struct.pack("!BBHIBBH4s4s", 0x45, 0, 20 + len(body), 0, 64, 17, 0,
+                       src.packed, dst.packed) + body
+
+
+class World:
+    """A control server, a TURN/STUN server and mesh nodes behind NATs, one virtual clock."""
+
+    def __init__(self, seed: int = 1, loss: float = 0.0) -> None:
+        self.net = SimNetwork(seed=seed, latency_s=0.02, loss=loss)
+        self.net.advance(EPOCH)
+        ports = MemoryRelayPorts(on_open=lambda a: self.net.attach(a, self._server))
+        self.turn = TurnServer(TURN_CONFIG, ports, stun=StunServer(ServerAddresses(
+            SERVER_IP, 3478, 3479)), rng=random.Random(seed), nonce_key=b"nonce")
+        self.net.attach(STUN, self._server)
+        self.store = MemoryRegistryStore()
+        self.plane = MemoryControlPlane(
+            ControlServer(ControlServerConfig(turn_secret=SECRET), self.store), now=EPOCH)
+        self._ports = ports
+        self.nodes: dict[str, MeshNode] = {}
+        self.tun: dict[str, list[bytes]] = {}
+        self.events: dict[str, list[PeerPathChanged]] = {}
+        self._seed = seed
+
+    def restart_server(self, seed: int = 99) -> None:
+        """`meshd server` restarts: control sessions drop, TURN allocations are gone."""
+        self.plane.crash_server()
+        self.turn = TurnServer(TURN_CONFIG, MemoryRelayPorts(
+            on_open=lambda a: self.net.attach(a, self._server)), stun=StunServer(
+                ServerAddresses(SERVER_IP, 3478, 3479)), rng=random.Random(seed),
+            nonce_key=b"nonce2")
+        self.plane.start_server(ControlServer(ControlServerConfig(turn_secret=SECRET),
+                                              self.store))
+
+    def _server(self, data: bytes, source: Address, local: Address) -> list[Transmit]:
+        outputs = self.turn.handle_datagram(data, source, local, self.net.now)
+        return [o for o in outputs if isinstance(o, Transmit)]
+
+    def add(self, name: str, host: Address, *, start: bool = True) -> MeshNode:
+        static = X25519PrivateKey.from_private_bytes(hashlib.sha256(name.encode()).digest())
+        client = ControlClient(ControlClientConfig(public_bytes(static)),
+                               random.Random(len(self.nodes) + 7))
+        self.plane.add(name, client)
+        issued = CA.issue_client_cert(node_identity(name), now=CERT_TIME)
+        config = MeshConfig(stun_server=STUN, punch=PunchConfig())
+        node = MeshNode(client, host, certificate=issued.cert, certificate_key=issued.key,
+                        ca_certificate=CA.cert, static_key=static, config=config,
+                        rng=random.Random(self._seed * 100 + len(self.nodes)),
+                        wall_offset=CERT_TIME.timestamp() - EPOCH)
+        self.nodes[name] = node
+        self.tun[name] = []
+        self.events[name] = []
+
+        def handler(data: bytes, source: Address, local: Address) -> list[Transmit]:
+            self.tun[name] += node.receive_batch([(data, source)], self.net.now)
+            self._collect(name)
+            return node.datagrams_to_send(self.net.now)
+
+        self.net.attach(host, handler)
+        if start:
+            self.plane.start(name)
+        return node
+
+    def _collect(self, name: str) -> None:
+        node = self.nodes[name]
+        while (ev := node.next_event()) is not None:
+            if isinstance(ev, PeerPathChanged):
+                self.events[name].append(ev)
+
+    def _settle(self) -> None:
+        while True:
+            self.plane.pump()
+            moved = False
+            for name, node in self.nodes.items():
+                for ev in self.plane.events(name):
+                    node.control_event(ev, self.net.now)
+                    moved = True
+            self.plane.pump()
+            for name, node in self.nodes.items():
+                for t in node.datagrams_to_send(self.net.now):
+                    self.net.send(t)
+                self._collect(name)
+            if not moved:
+                return
+
+    def run(self, seconds: float) -> None:
+        end = self.net.now + seconds
+        while True:
+            self._settle()
+            timers = [n.get_timer() for n in self.nodes.values()]
+            timers += [self.net.next_time(), self.turn.get_timer()]
+            timers += [self.plane.client(n).get_timer() for n in self.nodes]
+            if self.plane.server is not None:
+                timers.append(self.plane.server.get_timer())
+            due = [t for t in timers if t is not None and t <= end]
+            if not due:
+                break
+            at = max(min(due), self.net.now)
+            self.net.advance(at)
+            if at > self.plane.now:
+                self.plane.advance(at - self.plane.now)
+            self.turn.handle_timer(at)
+            for node in self.nodes.values():
+                timer = node.get_timer()
+                if timer is not None and timer <= at:
+                    node.handle_timer(at)
+        self.net.advance(end)
+        if end > self.plane.now:
+            self.plane.advance(end - self.plane.now)
+        self._settle()
+
+    def send(self, src: str, dst: str, marker: bytes) -> bytes:
+        a, b = self.nodes[src], self.nodes[dst]
+        assert a.overlay is not None and b.overlay is not None
+        packet = ip_packet(a.overlay.ip, b.overlay.ip, marker)
+        for t in a.send_packets([packet], self.net.now):
+            self.net.send(t)
+        for t in a.datagrams_to_send(self.net.now):
+            self.net.send(t)
+        return packet
+
+    def path(self, src: str, dst: str) -> str:
+        return next(p.path for p in self.nodes[src].peer_status() if p.node == dst)
+
+    @contextmanager
+    def traced(self) -> Iterator[None]:
+        try:
+            yield
+        except AssertionError:
+            print("\n".join(self.net.trace[-120:]))
+            raise
+
+
+def two_nodes(nat_a: dict[str, Any], nat_b: dict[str, Any], seed: int = 1) -> World:
+    world = World(seed)
+    world.net.add_nat(SimNat("203.0.113.1", "10.0.1.0/24", **nat_a))
+    world.net.add_nat(SimNat("203.0.113.2", "10.0.2.0/24", **nat_b))
+    world.add("edge-a", ("10.0.1.2", 41641))
+    world.add("edge-b", ("10.0.2.2", 52113))
+    return world
+
+
+@pytest.mark.parametrize("nat_a,nat_b", [(PORT_RESTRICTED, PORT_RESTRICTED),
+                                         (PORT_RESTRICTED, FULL_CONE)],
+                         ids=["port-restricted-x-port-restricted", "port-restricted-x-full-cone"])
+def test_relay_first_then_direct(nat_a: dict[str, Any], nat_b: dict[str, Any]) -> None:
+    world = two_nodes(nat_a, nat_b)
+    with world.traced():
+        world.run(0.5)
+        first = world.send("edge-a", "edge-b", b"first")
+        world.run(0.3)
+        assert first in world.tun["edge-b"]
+        world.run(2.0)
+        kinds = [e.new for e in world.events["edge-a"]]
+        assert kinds[:2] == ["relay", "direct"], kinds
+        assert world.path("edge-a", "edge-b") == world.path("edge-b", "edge-a") == "direct"
+        later = world.send("edge-b", "edge-a", b"later")
+        world.run(0.2)
+        assert later in world.tun["edge-a"]
+        status = {p.node: p for p in world.nodes["edge-a"].peer_status()}["edge-b"]
+        assert status.endpoint.startswith("203.0.113.2:")
+        assert status.last_handshake is not None and status.bytes_in > 0
+        assert status.time_to_direct_s is not None and status.time_to_direct_s < 1.0
+        metrics = world.nodes["edge-a"].metrics
+        assert sum(metrics.punch_successes.values()) >= 1
+        assert metrics.relay_bytes_out > 0 and metrics.direct_bytes_out > 0
+
+
+def test_symmetric_x_port_restricted_stays_relayed_and_carries_packets() -> None:
+    world = two_nodes(SYMMETRIC, PORT_RESTRICTED)
+    with world.traced():
+        world.run(0.5)
+        first = world.send("edge-a", "edge-b", b"first")
+        world.run(0.3)
+        assert first in world.tun["edge-b"]
+        world.run(7.0)
+        assert world.path("edge-a", "edge-b") == world.path("edge-b", "edge-a") == "relay"
+        back = world.send("edge-b", "edge-a", b"back")
+        world.run(0.2)
+        assert back in world.tun["edge-a"]
+        assert world.nodes["edge-a"].metrics.relay_bytes_in > 0
+
+
+def test_three_nodes_and_peer_garbage() -> None:
+    world = World(3)
+    world.net.add_nat(SimNat("203.0.113.1", "10.0.1.0/24", **PORT_RESTRICTED))
+    world.net.add_nat(SimNat("203.0.113.2", "10.0.2.0/24", **SYMMETRIC))
+    world.add("edge-a", ("10.0.1.2", 41641))
+    world.add("edge-b", ("10.0.2.2", 52113))
+    world.add("edge-c", ("10.0.1.3", 33333))  # same LAN as edge-a
+    with world.traced():
+        world.run(8.0)
+        assert world.path("edge-a", "edge-c") == "direct"
+        assert world.path("edge-c", "edge-a") == "direct"
+        assert world.path("edge-b", "edge-c") == "relay"
+        for src, dst in [("edge-a", "edge-b"), ("edge-b", "edge-c"), ("edge-c", "edge-a")]:
+            packet = world.send(src, dst, f"{src}>{dst}".encode())
+            world.run(0.3)
+            assert packet in world.tun[dst]
+        node = world.nodes["edge-a"]
+        rng = random.Random(5)
+        before = len(world.tun["edge-a"])
+        for _ in range(500):  # garbage of every first byte never raises
+            junk = bytes([rng.randrange(256)]) + rng.randbytes(rng.randrange(0, 80))
+            assert node.receive_batch([(junk, ("203.0.113.9", 999))], world.net.now) == []
+            node.datagrams_to_send(world.net.now)
+        assert len(world.tun["edge-a"]) == before
+
+
+def test_replayed_datagram_is_dropped_and_counted() -> None:
+    world = two_nodes(PORT_RESTRICTED, PORT_RESTRICTED)
+    captured: list[bytes] = []
+    with world.traced():
+        world.run(3.0)
+        world.send("edge-a", "edge-b", b"handshake first")
+        world.run(0.5)
+        a, b = world.nodes["edge-a"], world.nodes["edge-b"]
+        assert a.overlay is not None and b.overlay is not None
+        packet = ip_packet(a.overlay.ip, b.overlay.ip, b"once")
+        for t in a.send_packets([packet], world.net.now):
+            captured.append(t.data)
+            world.net.send(t)
+        assert captured
+        world.run(0.2)
+        assert world.tun["edge-b"].count(packet) == 1
+        source = ("203.0.113.1", 41641)
+        assert b.receive_batch([(captured[0], source)], world.net.now) == []
+        assert b.metrics.rejected.get("replayed") == 1
+        (fresh,) = a.send_packets([packet], world.net.now)  # never sent: altered in flight
+        altered = bytearray(fresh.data)
+        altered[-1] ^= 1
+        assert b.receive_batch([(bytes(altered), source)], world.net.now) == []
+        assert b.metrics.rejected.get("auth-failed") == 1
+
+
+def test_server_restart_direct_keeps_flowing_relayed_recovers() -> None:
+    world = World(4)
+    world.net.add_nat(SimNat("203.0.113.1", "10.0.1.0/24", **PORT_RESTRICTED))
+    world.net.add_nat(SimNat("203.0.113.2", "10.0.2.0/24", **SYMMETRIC))
+    world.net.add_nat(SimNat("203.0.113.3", "10.0.3.0/24", **PORT_RESTRICTED))
+    world.add("edge-a", ("10.0.1.2", 41641))
+    world.add("edge-b", ("10.0.2.2", 52113))
+    world.add("edge-c", ("10.0.3.2", 33333))
+    with world.traced():
+        world.run(8.0)
+        assert world.path("edge-a", "edge-b") == "relay"
+        assert world.path("edge-a", "edge-c") == "direct"
+        old_relay = world.nodes["edge-b"].relayed_address
+        world.restart_server()
+        packet = world.send("edge-a", "edge-c", b"during restart")
+        world.run(0.2)
+        assert packet in world.tun["edge-c"]  # direct paths do not need the server
+        world.run(10.0)
+        assert world.nodes["edge-b"].relayed_address not in (None, old_relay)
+        for src, dst in [("edge-a", "edge-b"), ("edge-b", "edge-a")]:
+            packet = world.send(src, dst, f"after restart {src}".encode())
+            world.run(0.3)
+            assert packet in world.tun[dst]
+        assert world.path("edge-a", "edge-c") == "direct"

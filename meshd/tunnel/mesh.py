@@ -648,8 +648,13 @@ class MeshNode:
                 group.append(packet)
         for node, group in groups.items():
             peer = self._peers[node]
-            for datagram in endpoint.encrypt(node, group, now):
-                self._transmit(peer, datagram, now, out)
+            datagrams = endpoint.encrypt(node, group, now)
+            sent = peer.machine.transmit_many(datagrams, now)
+            if len(sent) < len(datagrams):
+                self.metrics.no_path += len(datagrams) - len(sent)
+            elif peer.path == "direct":
+                self.metrics.direct_bytes_out += sum(len(d) for d in datagrams)
+            out += sent
         return out
 
     def _transmit(self, peer: _Peer, datagram: bytes, now: float, out: list[Transmit]) -> None:

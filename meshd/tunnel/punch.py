@@ -574,6 +574,19 @@ class PathMachine:
         self.data_sent(now)
         return self._transmit_from(path.local, path.remote, data)
 
+    def transmit_many(self, datas: list[bytes], now: float) -> list[Transmit]:
+        """`transmit` for a batch: one path decision for all of them (the hot loop); empty
+        when there is no path yet."""
+        path = self.current_path()
+        local, remote = path.local, path.remote
+        if local is None or remote is None or not datas:
+            return []
+        self.data_sent(now)
+        if self._relay is not None and local == self._relay.relayed_address:
+            via = self._relay.send_via_relay
+            return [via(data, remote) for data in datas]
+        return [Transmit(local, remote, data) for data in datas]
+
     def handle_timer(self, now: float) -> None:
         """Expire checks, end rounds, nominate, detect dead paths, retry. Datagrams that fall
         due go out via `datagrams_to_send`."""

@@ -17,9 +17,11 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import errno
 import ipaddress
 import logging
 import socket
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -43,6 +45,12 @@ from meshd.udp import Address, Transmit
 log = logging.getLogger("meshd.tunnel")
 
 READ_BATCH = 256
+SOL_UDP = 17
+UDP_SEGMENT = 103  # linux/udp.h: the GSO segment size, as a cmsg of sendmsg
+UDP_GRO = 104  # linux/udp.h: receive coalesced datagrams, with their size as a cmsg
+GRO_CMSG_SPACE = socket.CMSG_SPACE(4)
+GSO_MAX_SEGMENTS = 64  # the kernel's UDP_MAX_SEGMENTS
+GSO_MAX_BYTES = 65000  # one UDP datagram's payload at most
 """Datagrams (or TUN packets) handed to the core per readiness callback at most."""
 
 
@@ -126,6 +134,12 @@ class TunnelService:
         """Datagrams the kernel refused."""
         self.tun_drops = 0
         """Packets the TUN device refused."""
+        self.gso = True
+        """Send runs of equal datagrams with UDP GSO (off after the kernel refuses it)."""
+        self.gso_sends = 0
+        """`sendmsg` calls that carried a run of datagrams."""
+        self.gro_reads = 0
+        """Reads that brought several coalesced datagrams (UDP GRO)."""
         self._sock = sock
         self._connector = connector
         self._loop = asyncio.get_running_loop()
@@ -160,6 +174,8 @@ class TunnelService:
         for opt in (socket.SO_RCVBUF, socket.SO_SNDBUF):
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.SOL_SOCKET, opt, 4 << 20)
+        with contextlib.suppress(OSError):  # UDP GRO (Linux 5.0+): coalesced reads
+            sock.setsockopt(SOL_UDP, UDP_GRO, 1)
         local: Address = (host_ip, sock.getsockname()[1])
         static = X25519PrivateKey.generate()
         client = ControlClient(ControlClientConfig(public_bytes(static)))
@@ -223,15 +239,24 @@ class TunnelService:
         self._on_ready.clear()
 
     def _on_socket(self) -> None:
-        recv = self._sock.recvfrom
+        recv = self._sock.recvmsg
         batch: list[tuple[bytes, Any]] = []
         for _ in range(READ_BATCH):
             try:
-                batch.append(recv(65535))
+                data, ancillary, _, source = recv(65535, GRO_CMSG_SPACE)
             except (BlockingIOError, InterruptedError):
                 break
             except OSError:  # ICMP errors surface here (ECONNREFUSED): nothing to read
                 continue
+            segment = 0
+            for level, kind, value in ancillary:
+                if level == SOL_UDP and kind == UDP_GRO:
+                    segment = int.from_bytes(value[:4], sys.byteorder)
+            if 0 < segment < len(data):  # GRO joined datagrams of `segment` bytes (last: less)
+                self.gro_reads += 1
+                batch += [(data[k:k + segment], source) for k in range(0, len(data), segment)]
+            else:
+                batch.append((data, source))
         if not batch:
             return
         packets = self.node.receive_batch(batch, self._loop.time())
@@ -254,6 +279,8 @@ class TunnelService:
 
     def _send(self, transmits: list[Transmit]) -> None:
         sendto = self._sock.sendto
+        if self.gso and len(transmits) > 1:
+            transmits = self._send_segmented(transmits)
         for t in transmits:
             try:
                 if t.ttl is None:
@@ -266,6 +293,47 @@ class TunnelService:
                         self._sock.setsockopt(socket.IPPROTO_IP, socket.IP_TTL, 64)
             except OSError:
                 self.send_errors += 1
+
+    def _send_segmented(self, transmits: list[Transmit]) -> list[Transmit]:
+        """Send runs of datagrams to one destination with one `sendmsg` each (UDP GSO, Linux
+        4.18+: the kernel cuts the buffer into datagrams of the first one's size, the last may
+        be shorter); returns what is left for single sends. A kernel without GSO for this
+        socket turns it off for good."""
+        left: list[Transmit] = []
+        sock = self._sock
+        i, n = 0, len(transmits)
+        while i < n:
+            first = transmits[i]
+            size = len(first.data)
+            j, total = i + 1, size
+            if first.ttl is None:
+                while j < n and j - i < GSO_MAX_SEGMENTS:
+                    t = transmits[j]
+                    length = len(t.data)
+                    if (t.destination != first.destination or t.ttl is not None
+                            or length > size or total + length > GSO_MAX_BYTES):
+                        break
+                    total += length
+                    j += 1
+                    if length < size:
+                        break  # only the last segment may be shorter
+            if j - i == 1:
+                left.append(first)
+                i = j
+                continue
+            try:
+                sock.sendmsg([b"".join([t.data for t in transmits[i:j]])],
+                             [(SOL_UDP, UDP_SEGMENT, size.to_bytes(2, sys.byteorder))], 0,
+                             first.destination)
+                self.gso_sends += 1
+            except OSError as exc:
+                if exc.errno in (errno.EIO, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOPROTOOPT):
+                    self.gso = False
+                    event(log, logging.INFO, "tunnel.gso_off", error=exc.strerror or exc)
+                    return left + transmits[i:]
+                self.send_errors += j - i
+            i = j
+        return left
 
     def _flush(self) -> None:
         now = self._loop.time()
@@ -336,6 +404,8 @@ class TunnelService:
             ("meshd_tunnel_no_route_total", {}, m.no_route),
             ("meshd_tunnel_garbage_total", {}, m.garbage),
             ("meshd_tunnel_send_errors_total", {}, self.send_errors),
+            ("meshd_tunnel_gso_sends_total", {}, self.gso_sends),
+            ("meshd_tunnel_gro_reads_total", {}, self.gro_reads),
             ("meshd_tunnel_tun_drops_total", {}, self.tun_drops),
         ]
         for p in self.node.peer_status():

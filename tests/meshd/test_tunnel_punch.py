@@ -312,10 +312,13 @@ def test_two_public_peers_go_direct() -> None:
 def test_transmit_uses_the_current_path_and_keeps_consent_running() -> None:
     pair = Pair()
     assert pair.a.transmit(b"early", 0.0) is None  # no path yet
+    assert pair.a.transmit_many([b"early"], 0.0) == []
     pair.start()
     pair.run(1.0)
     sent = pair.a.transmit(b"\xe3data", pair.net.now)
     assert sent == Transmit(A_HOST, B_HOST, b"\xe3data")
+    assert pair.a.transmit_many([b"\xe3one", b"\xe3two"], pair.net.now) == [
+        Transmit(A_HOST, B_HOST, b"\xe3one"), Transmit(A_HOST, B_HOST, b"\xe3two")]
     checks = pair.a.metrics.checks_sent
     pair.run(5.0)
     assert pair.a.metrics.checks_sent >= checks + 2  # consent checks while data flows
@@ -545,6 +548,9 @@ def test_relay_is_the_path_from_the_first_byte_until_it_goes() -> None:
                                                     peer_relayed)
     sent = m.transmit(b"first", 0.0)
     assert sent is not None and sent.data == b"via " + repr(peer_relayed).encode() + b"first"
+    batch = m.transmit_many([b"a", b"b"], 0.0)
+    assert [t.data for t in batch] == [b"via " + repr(peer_relayed).encode() + x
+                                       for x in (b"a", b"b")]
     # Checks leave from both the host socket and (for the relay pair) through the relay.
     now = 0.0
     seen: set[Address] = set()

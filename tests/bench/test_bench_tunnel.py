@@ -2,38 +2,16 @@
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
-import subprocess
-import sys
+from collections.abc import Callable
+from typing import Any
 
-import pytest
-from netlab import ns
+QuickReport = Callable[..., dict[str, Any]]  # the fixture in tests/bench/conftest.py
 
 TOOLS = ("iperf3", "sockperf", "wireguard-go", "wg")
 
 
-def test_quick_run_prints_one_json_report_and_cleans_up() -> None:
-    problem = "needs root" if os.geteuid() != 0 else ""
-    absent = [t for t in TOOLS if shutil.which(t) is None]
-    if absent:
-        problem = f"missing {', '.join(absent)} (dev/setup installs them)"
-    if problem:
-        if os.environ.get("CI"):
-            pytest.fail(f"bench tunnel {problem}")
-        pytest.skip(problem)
-    proc = subprocess.Popen([sys.executable, "-m", "bench", "tunnel", "--quick", "--json"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        out, err = proc.communicate(timeout=420)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    assert proc.returncode == 0, err[-2000:]
-    report = json.loads(out)
-    assert report["suite"] == "tunnel" and report["quick"]
+def test_quick_run_prints_one_json_report_and_cleans_up(quick_report: QuickReport) -> None:
+    report = quick_report("tunnel", TOOLS, 420)
     results = report["results"]
     for system in ("plain", "wireguard_go", "edgeweave_routed", "edgeweave", "edgeweave_relay"):
         got = results[system]
@@ -41,4 +19,3 @@ def test_quick_run_prints_one_json_report_and_cleans_up() -> None:
     assert set(results["ratios"]["targets"]) == {
         "direct_ge_1_5x_wireguard_go", "direct_p50_le_wireguard_go", "relay_ge_half_direct",
         "move_4mb_le_1_5x_plain"}
-    assert not [n for n in ns.list_netns() if n.startswith(f"{ns.PREFIX}{proc.pid}-")]

@@ -170,9 +170,13 @@ def test_100mb_arrives_byte_identical(mesh: MeshLab, client: str, server: str,
     assert proc.returncode == 0, err
     got, sha, seconds = out.split()
     assert int(got) == SIZE and sha == expected_sha(SIZE)
+    sender, receiver = mesh.metrics(server), mesh.metrics(client)
     print(f"\n{client}->{server} ({path}): 100 MB in {seconds} s "
-          f"({SIZE * 8 / float(seconds) / 1e6:.0f} Mbit/s), sha256 ok")
+          f"({SIZE * 8 / float(seconds) / 1e6:.0f} Mbit/s), sha256 ok; GSO sends "
+          f"{sender['meshd_tunnel_gso_sends_total']:.0f}, GRO reads "
+          f"{receiver['meshd_tunnel_gro_reads_total']:.0f}")
     assert (mesh.peer(client, server) or {}).get("path") == path
+    assert sender["meshd_tunnel_gso_sends_total"] > 0  # bulk leaves in runs, not one by one
 
 
 def test_nat_state_loss_mid_transfer(mesh: MeshLab) -> None:

@@ -54,6 +54,10 @@ class MeshLab(ServicePlane):
         super().__init__(lab, tmp, node_labels, clients)
         self.meshd_server: subprocess.Popen[str] | None = None
         self.routers: dict[str, str] = {}
+        self.server_overrides: dict[str, dict[str, Any]] = {}
+        """Merged into `meshd server`'s config, per section (e.g. {"control": {...}})."""
+        self.agent_overrides: dict[str, dict[str, Any]] = {}
+        """Per node, merged into that agent's `tunnel:` section."""
 
     @classmethod
     @contextlib.contextmanager
@@ -110,14 +114,17 @@ class MeshLab(ServicePlane):
         secret = self.tmp / "turn-secret"
         secret.write_text("lab-turn-secret\n")
         config = self.tmp / "meshd-server.json"
-        config.write_text(json.dumps({
+        doc: dict[str, dict[str, Any]] = {
             "stun": {"addresses": [self.cloud_ip]},
             "relay": {"enabled": True, "authSecretFile": str(secret)},
             "control": {"enabled": True, "address": f"{self.cloud_ip}:20004",
                         "dataDir": str(self.tmp / "meshd-server-data"),
                         "caFile": str(certs / "ca.crt"),
                         "certFile": str(certs / "meshd-server.crt"),
-                        "keyFile": str(certs / "meshd-server.key")}}))
+                        "keyFile": str(certs / "meshd-server.key")}}
+        for section, values in self.server_overrides.items():
+            doc.setdefault(section, {}).update(values)
+        config.write_text(json.dumps(doc))
         log = open(self.tmp / "meshd-server.log", "a")  # noqa: SIM115 - the process owns it
         self.meshd_server = self.lab.popen("cloud", [
             sys.executable, "-m", "meshd", "server", "--config", str(config)],
@@ -149,7 +156,7 @@ class MeshLab(ServicePlane):
         path.write_text(json.dumps({
             "dns": {"upstreams": [self.cloud_ip]},
             "tunnel": {"enabled": True, "server": self.cloud_ip,
-                       "connectPort": CONNECT_PORT}}))
+                       "connectPort": CONNECT_PORT, **self.agent_overrides.get(node, {})}}))
         return path
 
     def tunnel(self, node: str) -> dict[str, Any]:

@@ -16,7 +16,12 @@ States (`TRANSITIONS` is the whole table):
 
 "lost" covers the peer closing, garbage from the server, no welcome within
 `welcome_timeout_s`, and a server silent for its `idleTimeoutS` (pings go every `keepaliveS`,
-both from the welcome). Reconnects back off: `first_retry_s` (fast: a restarting server is
+both from the welcome). A connection the server closes after the TLS handshake without a single
+byte, or after a fatal `error` before the welcome, is a *refusal* (`last_error`, log
+`control.refused`): with TLS 1.3 the client's handshake completes before the server has checked
+the client certificate (RFC 8446 §4.4.2), so a certificate the server does not accept (another
+CA, expired) shows up only as this silent close. Refusals are retried like any loss: the cause
+may be on the server's side. Reconnects back off: `first_retry_s` (fast: a restarting server is
 usually back within a second), doubling up to `max_retry_s`, each delay shortened by a random
 fraction up to `jitter` so a fleet spreads out; the count starts over after a session that
 stayed up for `stable_after_s`.
@@ -237,12 +242,21 @@ TRANSITIONS: dict[tuple[ClientState, str], ClientState] = {
 """Every allowed (state, input) and the state it leads to."""
 
 _MAX_OUTSTANDING_PINGS = 8
+REFUSAL_LOG_EVERY = 30
+"""Consecutive refusals are logged at WARNING the first time and every this many (INFO
+otherwise): one line per retry would flood the log of a node that will stay refused."""
+SILENT_REFUSAL = ("the server closed the connection right after the TLS handshake without a "
+                  "word: it did not accept this node's certificate (not issued by its CA, "
+                  "expired, or not a node's); its log (control.tls_refused) says which")
 
 
 def effective_turn_servers(turn: TurnGrant, control_host: str) -> tuple[TurnServerAddress, ...]:
     """The TURN servers to use: the grant's, or the control host on 3478/UDP when it names
     none."""
     return turn.servers or (TurnServerAddress(control_host, DEFAULT_TURN_PORT, "udp"),)
+
+
+_ROUTINE_ERRORS = frozenset({"shutdown", "replaced"})  # expected in normal operation
 
 
 class ControlClient:
@@ -265,6 +279,10 @@ class ControlClient:
         """Welcomes received."""
         self.failures = 0
         """Consecutive failed attempts (reset by a stable session)."""
+        self.refusals = 0
+        """Consecutive connections the server refused before a welcome."""
+        self.last_error: str | None = None
+        """Why the last attempt or session failed (None once welcomed)."""
         self.keepalive_s = 5.0
         """Ping interval (the server's, from the welcome)."""
         self.idle_timeout_s = 15.0
@@ -281,6 +299,8 @@ class ControlClient:
         self._next_ping: float | None = None
         self._ping_seq = 0
         self._pings: dict[int, float] = {}
+        self._heard = False  # any byte on the current connection
+        self._fatal: Error | None = None  # a fatal error frame before the welcome
 
     # --- API ----------------------------------------------------------------------------------
 
@@ -330,6 +350,7 @@ class ControlClient:
             return
         self._move("connected")
         self._decoder = FrameDecoder(self.config.max_frame)
+        self._heard, self._fatal = False, None
         self._last_rx = now
         self._welcome_deadline = now + self.config.welcome_timeout_s
         cfg = self.config
@@ -341,6 +362,7 @@ class ControlClient:
             return
         self._move("failed")
         self._backoff(now)
+        self.last_error = reason
         event(log, logging.INFO, "control.dial_failed", reason=reason, failures=self.failures,
               retry_in=f"{self._retry_at - now if self._retry_at else 0:.2f}")
 
@@ -348,6 +370,9 @@ class ControlClient:
         """The connection ended without us asking."""
         if self.state is ClientState.CONNECTING:
             self.connection_failed(reason, now)
+        elif self.state is ClientState.HELLO_SENT and (self._fatal is not None
+                                                       or not self._heard):
+            self._refused(reason, now)
         elif self.state in (ClientState.HELLO_SENT, ClientState.READY):
             self._lose(reason, now, close=False)
 
@@ -356,6 +381,7 @@ class ControlClient:
         if not self._connected() or not data:
             return
         self._last_rx = now
+        self._heard = True
         try:
             messages = self._decoder.feed(data)
         except ControlProtocolError as exc:
@@ -410,6 +436,13 @@ class ControlClient:
 
     def _receive(self, message: Message, now: float) -> None:
         if isinstance(message, Error):
+            if not message.peer:  # about the session, not a signal: the server then closes
+                routine = message.code in _ROUTINE_ERRORS
+                if self.state is ClientState.HELLO_SENT and not routine:
+                    self._fatal = message
+                level = logging.INFO if routine else logging.WARNING
+                event(log, level, "control.server_error", node=self.node or "-",
+                      code=message.code, message=message.message)
             self._events.append(ServerError(message.code, message.message, message.peer))
             return
         if self.state is ClientState.HELLO_SENT:
@@ -442,6 +475,7 @@ class ControlClient:
     def _welcome(self, welcome: Welcome, now: float) -> None:
         self._move("welcome")
         self._welcome_deadline = None
+        self.refusals, self.last_error = 0, None
         self.node, self.overlay, self.turn = welcome.node, welcome.overlay, welcome.turn
         self.keepalive_s, self.idle_timeout_s = welcome.keepalive_s, welcome.idle_timeout_s
         self.sessions += 1
@@ -477,8 +511,23 @@ class ControlClient:
     def _send(self, message: Message) -> None:
         self._commands.append(Send(encode_frame(message)))
 
+    def _refused(self, reason: str, now: float) -> None:
+        """The server ended the connection before a welcome, silently or with a fatal error."""
+        fatal = self._fatal
+        why = (f"refused by the server: {fatal.code}: {fatal.message}" if fatal is not None
+               else f"refused: {SILENT_REFUSAL} ({reason})")
+        self.refusals += 1
+        self.last_error = why
+        self._move("lost")
+        self._backoff(now)
+        assert self._retry_at is not None
+        first = self.refusals == 1 or self.refusals % REFUSAL_LOG_EVERY == 0
+        event(log, logging.WARNING if first else logging.INFO, "control.refused",
+              reason=why, attempts=self.refusals, retry_in=f"{self._retry_at - now:.2f}")
+
     def _lose(self, reason: str, now: float, *, close: bool) -> None:
         was_ready = self.state is ClientState.READY
+        self.last_error = reason
         if close:
             self._commands.append(Close(reason))
         self._move("lost")

@@ -79,7 +79,14 @@ def agent_tls_context(*, kubeconfig: Path | None = None, ca_file: Path | None = 
     return client_context(ca_file, cert_file=cert_file, key_file=key_file)
 
 
-def _reason(exc: BaseException) -> str:
+def _reason(exc: BaseException, certificate: str = "") -> str:
+    """What went wrong, for logs; `certificate` names whose certificate a verification failure
+    concerns ("client" on the server, "server" on the agent)."""
+    if isinstance(exc, ssl.SSLCertVerificationError) and exc.verify_message:
+        # OpenSSL's verify result says why (RFC 5280 §6: path, validity, ...); the bare
+        # reason would only say CERTIFICATE_VERIFY_FAILED.
+        whose = f"{certificate} certificate" if certificate else "certificate"
+        return f"{whose} refused: {exc.verify_message}"
     if isinstance(exc, ssl.SSLError):
         return exc.reason or str(exc)
     if isinstance(exc, OSError):
@@ -163,8 +170,9 @@ class ControlService:
         try:
             await writer.start_tls(self._tls, ssl_handshake_timeout=self._handshake_timeout_s)
         except (OSError, TimeoutError) as exc:
-            self.server.handshake_failed(_reason(exc))
-            event(log, logging.WARNING, "control.tls_refused", peer=where, reason=_reason(exc))
+            reason = _reason(exc, "client")
+            self.server.handshake_failed(reason)
+            event(log, logging.WARNING, "control.tls_refused", peer=where, reason=reason)
             writer.transport.abort()
             return
         identity = peer_identity(writer.get_extra_info("peercert"))
@@ -326,7 +334,7 @@ class ControlConnector:
                 timeout)
         except (OSError, TimeoutError) as exc:
             if generation == self._generation and not self._closed:
-                self.client.connection_failed(_reason(exc), self.now())
+                self.client.connection_failed(_reason(exc, "server"), self.now())
                 self._flush()
             return
         if generation != self._generation or self._closed:

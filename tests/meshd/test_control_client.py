@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import logging
 import random
 from typing import Any
 
@@ -11,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from meshd.control.client import (
+    REFUSAL_LOG_EVERY,
     TRANSITIONS,
     ClientState,
     Close,
@@ -211,6 +213,55 @@ def test_server_errors_become_events_and_a_refusal_retries() -> None:
     d.drain()
     assert d.take() == [ServerError("key-in-use", "no", "")]
     assert d.client.state is ClientState.BACKOFF
+
+
+def test_a_silent_close_after_tls_is_a_refusal_of_our_certificate(
+        caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, "meshd.control")
+    d = Driver()
+    d.client.start(d.now)
+    for attempt in range(1, REFUSAL_LOG_EVERY + 2):
+        d.drain()
+        d.connect()  # TLS 1.3: our handshake completes, then the server checks our certificate
+        d.client.connection_lost("closed by the server", d.now)
+        d.drain()
+        assert d.client.state is ClientState.BACKOFF and d.client.refusals == attempt
+        d.advance(5.0)
+        assert d.actions[-1] == "dial"  # retried, however often
+    assert d.client.last_error is not None and d.client.last_error.startswith("refused: ")
+    assert "did not accept this node's certificate" in d.client.last_error
+    assert not d.take()  # never welcomed: nothing for the application
+    levels = [r.levelno for r in caplog.records if r.getMessage() == "control.refused"]
+    assert levels == ([logging.WARNING] + [logging.INFO] * (REFUSAL_LOG_EVERY - 2)
+                      + [logging.WARNING, logging.INFO])  # first, then every 30th
+    d.connect()
+    d.welcome()
+    assert d.client.refusals == 0 and d.client.last_error is None
+
+
+def test_a_fatal_error_before_the_welcome_is_a_refusal_naming_it() -> None:
+    d = Driver()
+    d.client.start(d.now)
+    d.connect()
+    d.feed(Error("unauthorized", "the client certificate names no node"))
+    d.client.connection_lost("closed by the server", d.now)
+    assert d.client.refusals == 1
+    assert d.client.last_error == ("refused by the server: unauthorized: the client "
+                                   "certificate names no node")
+
+
+def test_a_server_that_answered_or_shut_down_did_not_refuse() -> None:
+    d = Driver()
+    d.client.start(d.now)
+    d.connect()
+    d.feed(Error("shutdown", "meshd server is stopping"))
+    d.client.connection_lost("closed by the server", d.now)
+    assert d.client.refusals == 0 and d.client.last_error == "closed by the server"
+    d.advance(5.0)
+    d.connect()
+    d.feed(Pong(1))  # it spoke (out of place, but not a refusal of the handshake)
+    assert d.client.state is ClientState.BACKOFF and d.client.refusals == 0
+    assert d.client.last_error is not None and "protocol error" in d.client.last_error
 
 
 def test_garbage_or_misplaced_messages_drop_the_connection() -> None:

@@ -4,7 +4,9 @@ a CA minted in a temporary directory (edgeweave.pki)."""
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import ipaddress
+import logging
 import random
 import ssl
 from collections.abc import Awaitable, Callable
@@ -14,6 +16,7 @@ from typing import TypeVar
 
 import pytest
 
+from edgeweave.log import KeyValueFormatter
 from edgeweave.pki import (
     ADMIN,
     CertificateAuthority,
@@ -73,6 +76,9 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     _write(d, "server-other-ip", ca.issue_server_cert("meshd-server", ips=["127.0.0.2"]))
     _write(d, "foreign-server", other.issue_server_cert("meshd-server", ips=["127.0.0.1"]))
     _write(d, "foreign-node", other.issue_client_cert(node_identity("edge-1")))
+    _write(d, "expired-node", ca.issue_client_cert(
+        node_identity("edge-1"), validity=dt.timedelta(days=1),
+        now=dt.datetime.now(dt.UTC) - dt.timedelta(days=30)))
     _write(d, "admin", ca.issue_client_cert(ADMIN))
     for node in ("edge-1", "edge-2", "edge-3"):
         issued = ca.issue_client_cert(node_identity(node))
@@ -172,9 +178,15 @@ def test_node_cert_from_files_works_too(pki: Pki, tmp_path: Path) -> None:
     run(main)
 
 
-@pytest.mark.parametrize("who", ["foreign-node", None])
-def test_certificate_from_another_ca_or_none_is_refused_at_the_handshake(
-        pki: Pki, tmp_path: Path, who: str | None) -> None:
+@pytest.mark.parametrize("who,why", [
+    ("foreign-node", "client certificate refused: unable to get local issuer certificate"),
+    ("expired-node", "client certificate refused: certificate has expired"),
+    (None, "PEER_DID_NOT_RETURN_A_CERTIFICATE")])
+def test_certificate_from_another_ca_expired_or_none_is_refused_at_the_handshake(
+        pki: Pki, tmp_path: Path, who: str | None, why: str,
+        caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, "meshd.control")
+
     async def main() -> None:
         core = server_core(tmp_path)
         service = await start_service(pki, core)
@@ -194,11 +206,20 @@ def test_certificate_from_another_ca_or_none_is_refused_at_the_handshake(
                                           ClientState.HELLO_SENT)
             with pytest.raises(ControlNotReady):
                 agent.connector.send_signal("edge-2", {})
+            while agent.client.refusals < 1:  # TLS 1.3: the agent learns it after its hello
+                await asyncio.sleep(0.02)
         finally:
             await agent.connector.close()
             await service.close()
 
     run(main)
+    # The server's log names the peer and says why; the agent's says it was refused and why.
+    lines = [(r.levelno, KeyValueFormatter().format(r)) for r in caplog.records]
+    refused = [line for _, line in lines if " control.tls_refused peer=" in line]
+    assert refused and all("peer=127.0.0.1:" in m and why in m for m in refused), refused
+    agent_side = [(level, line) for level, line in lines if " control.refused " in line]
+    assert agent_side[0][0] == logging.WARNING
+    assert "did not accept this node's certificate" in agent_side[0][1]
 
 
 def test_a_ca_certificate_that_names_no_node_is_refused(pki: Pki, tmp_path: Path) -> None:
@@ -212,6 +233,10 @@ def test_a_ca_certificate_that_names_no_node_is_refused(pki: Pki, tmp_path: Path
             error = await agent.next(ServerError)
             assert error.code == "unauthorized"
             assert core.metrics.auth_failures >= 1 and core.metrics.hellos == 0
+            while agent.client.refusals < 1:
+                await asyncio.sleep(0.02)
+            assert agent.client.last_error == ("refused by the server: unauthorized: the "
+                                               "client certificate names no node")
         finally:
             await agent.connector.close()
             await service.close()
@@ -229,6 +254,9 @@ def test_agent_checks_the_server_certificate(pki: Pki, tmp_path: Path, cert: str
             while agent.client.failures < 2:
                 await asyncio.sleep(0.02)
             assert agent.client.sessions == 0 and core.metrics.hellos == 0
+            assert agent.client.last_error is not None
+            assert agent.client.last_error.startswith("server certificate refused: ")
+            assert agent.client.refusals == 0  # we refused it, not the other way round
         finally:
             await agent.connector.close()
             await service.close()

@@ -410,7 +410,8 @@ async def _serve_relay(stun: StunConfig, relay: RelayConfig, turn: TurnServerCon
             try:
                 where = HostPort.parse(relay.metrics_address)
                 runner = await start_metrics(where.host, where.port,
-                                             lambda: server.samples() + _stun_samples(stun_core))
+                                             lambda: server.samples() + service.io_samples()
+                                             + _stun_samples(stun_core))
             except BindError as exc:
                 raise UserError(str(exc)) from None
             for address in runner.addresses:

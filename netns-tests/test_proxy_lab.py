@@ -282,8 +282,10 @@ def save_state(lab: Lab) -> str:
     # Chain policy counters (`:OUTPUT ACCEPT [12:720]`) move with any traffic: not state.
     tables = "\n".join(re.sub(r"\[\d+:\d+\]", "[0:0]", line) for line in tables.splitlines()
                        if not line.startswith("#"))
-    rules = lab.run("node", ["ip", "rule", "show"]).stdout
-    routes = lab.run("node", ["ip", "route", "show", "table", "all"]).stdout
+    # IPv4 only (all the agent installs): the kernel's IPv6 link-local routes appear whenever
+    # duplicate address detection ends, which made two snapshots differ by timing alone.
+    rules = lab.run("node", ["ip", "-4", "rule", "show"]).stdout
+    routes = lab.run("node", ["ip", "-4", "route", "show", "table", "all"]).stdout
     return "\n".join([tables, rules, routes])
 
 

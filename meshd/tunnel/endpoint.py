@@ -7,7 +7,8 @@ key, verifies the initiator's certificate, and hands it to the session for that 
 the session when the node is new (`accept_unknown_peers`). The responder thereby learns who the
 initiator is from the handshake alone.
 
-    datagram --type--> 0xE3 data / 0xE2 response --receiver index--> session.receive_batch
+    datagram --type--> 0xE3 data / 0xE4 fragment / 0xE2 response --receiver index-->
+                                                                          session.receive_batch
                        0xE1 initiation --decrypt + verify--> node --> session.accept_initiation
                        anything else --> Rejected(malformed)
 
@@ -31,10 +32,10 @@ from meshd.tunnel.session import (
     TunnelSession,
     open_initiation,
 )
-from meshd.tunnel.wire import TYPE_DATA, TYPE_INITIATION, TYPE_RESPONSE
+from meshd.tunnel.wire import TYPE_DATA, TYPE_FRAGMENT, TYPE_INITIATION, TYPE_RESPONSE
 
 _INDEX = struct.Struct("!I")
-_RECEIVER_OFFSET = {TYPE_DATA: 1, TYPE_RESPONSE: 5}
+_RECEIVER_OFFSET = {TYPE_DATA: 1, TYPE_FRAGMENT: 1, TYPE_RESPONSE: 5}
 
 
 class TunnelEndpoint:
@@ -59,6 +60,7 @@ class TunnelEndpoint:
         self._wall_offset = wall_offset
         self._indexes = IndexTable(self._rng)
         self._sessions: dict[str, TunnelSession] = {}
+        self._frames_out = False
         self.rejected: dict[RejectReason, int] = {}
         """Datagrams dropped before any session could be told, per reason."""
 
@@ -72,6 +74,7 @@ class TunnelEndpoint:
                 self.local, peer, self._verifier, config=self.config, rng=self._rng,
                 wall_offset=self._wall_offset, indexes=self._indexes,
             )
+            session.frames_out = self._frames_out
             self._sessions[peer.node] = session
         else:
             session.update_peer(peer)
@@ -91,11 +94,27 @@ class TunnelEndpoint:
         """Sessions by peer node name (read-only use)."""
         return self._sessions
 
+    @property
+    def frames_out(self) -> bool:
+        """Sessions deliver offload frames (virtio_net_hdr + packet) instead of plain packets:
+        set when the TUN device runs with IFF_VNET_HDR."""
+        return self._frames_out
+
+    @frames_out.setter
+    def frames_out(self, value: bool) -> None:
+        self._frames_out = value
+        for session in self._sessions.values():
+            session.frames_out = value
+
     # -- the sans-I/O surface --------------------------------------------------------------------
 
     def encrypt(self, node: str, packets: Sequence[bytes], now: float) -> list[bytes]:
         """Transport datagrams for packets to `node` (which must have been added)."""
         return self._sessions[node].encrypt(packets, now)
+
+    def encrypt_frames(self, node: str, frames: Sequence[bytes], now: float) -> list[bytes]:
+        """Transport datagrams for offload frames to `node` (`TunnelSession.encrypt_frames`)."""
+        return self._sessions[node].encrypt_frames(frames, now)
 
     def receive(self, datagram: bytes, now: float) -> list[Event]:
         return self.receive_batch((datagram,), now)
@@ -165,6 +184,10 @@ class TunnelEndpoint:
             out.extend((node, d) for d in session.datagrams_to_send(now))
         return out
 
+    def has_output(self) -> bool:
+        """Some session has datagrams for `datagrams_to_send`."""
+        return any(session.has_output for session in self._sessions.values())
+
     def get_timer(self) -> float | None:
         timers = [t for s in self._sessions.values() if (t := s.get_timer()) is not None]
         return min(timers) if timers else None
@@ -180,7 +203,7 @@ class TunnelEndpoint:
 
 def _merge_rejections(events: list[Event]) -> list[Event]:
     """One Rejected event per (peer, reason) for the whole batch, in first-seen place."""
-    if sum(isinstance(e, Rejected) for e in events) < 2:
+    if len(events) < 2 or sum(isinstance(e, Rejected) for e in events) < 2:
         return events
     merged: list[Event] = []
     seen: dict[tuple[str | None, RejectReason], int] = {}

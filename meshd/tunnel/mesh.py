@@ -24,7 +24,7 @@ Demultiplexing of the socket (RFC 7983 by the first byte):
                      from anyone else       -> the PathMachine whose check/response it is
     0x40-0x7F ChannelData from the TURN server -> peer by channel -> demultiplexed again with
                                                   local = our relayed address
-    0xE1-0xE3 tunnel -> TunnelEndpoint (sessions by receiver index; any path of the peer)
+    0xE1-0xE4 tunnel -> TunnelEndpoint (sessions by receiver index; any path of the peer)
 
 Gathering: a host candidate (the socket's address), a server-reflexive one (`ReflexiveQuery` to
 the server's STUN port) and a relayed one (`TurnClient` with the control channel's credentials)
@@ -75,6 +75,7 @@ from meshd.tunnel.candidates import (
 )
 from meshd.tunnel.endpoint import TunnelEndpoint
 from meshd.tunnel.identity import CAPeerVerifier, CertificateKey, LocalIdentity, Peer
+from meshd.tunnel.offload import VNET_HDR_LEN
 from meshd.tunnel.punch import (
     ChecksRestarted,
     DescriptionChanged,
@@ -234,13 +235,15 @@ class PeerStatus:
     time_to_direct_s: float | None
     session: str
     """Crypto session state."""
+    time_to_relay_s: float | None = None
+    """Round start → decided relayed, of the last round that ended relayed."""
 
     def as_dict(self) -> dict[str, Any]:
         return {"node": self.node, "overlay": self.overlay, "online": self.online,
                 "state": self.state, "path": self.path, "endpoint": self.endpoint,
                 "rttMs": self.rtt_ms, "bytesIn": self.bytes_in, "bytesOut": self.bytes_out,
                 "lastHandshake": self.last_handshake, "timeToDirectS": self.time_to_direct_s,
-                "session": self.session}
+                "timeToRelayS": self.time_to_relay_s, "session": self.session}
 
 
 class _TurnLink:
@@ -286,6 +289,8 @@ class _Peer:
     """(allocation, description) whose relayed candidate has a channel."""
     last_handshake: float | None = None
     path: str = "none"
+    last_data: float = -1e9
+    """When `send_packets` last sent to the peer."""
 
 
 class MeshNode:
@@ -327,6 +332,8 @@ class MeshNode:
         self._pending_remote: dict[str, Mapping[str, Any]] = {}
         self._outbox: list[Transmit] = []
         self._tun_out: list[bytes] = []
+        self._tun_frames = False
+        self._data_only = True
         self._events: deque[MeshEvent] = deque()
         self._control_host = config.stun_server[0]
         self._grant: TurnGrant | None = None
@@ -371,6 +378,7 @@ class MeshNode:
             self.endpoint = TunnelEndpoint(identity, self._verifier, config=self.config.tunnel,
                                            rng=self._rng, wall_offset=self._wall_offset,
                                            accept_unknown_peers=False)
+            self.endpoint.frames_out = self._tun_frames
             for name, peer in self._peers.items():
                 self.endpoint.add_peer(Peer(name, peer.info.static_key))
             event(log, logging.INFO, "tunnel.welcome", node=ev.node, overlay=ev.overlay,
@@ -568,6 +576,27 @@ class MeshNode:
 
     # --- inputs: socket and TUN -----------------------------------------------------------------
 
+    def data_only(self) -> bool:
+        """Since the last `datagrams_to_send`, `send_packets` and `receive_batch` only moved data:
+        no STUN, relay control, handshake or path event, no session output, no first send after
+        a quiet spell. Then an adapter may skip the full round (`datagrams_to_send`,
+        `next_event`, `get_timer`), which costs more than the data with many peers; every other
+        input needs it."""
+        endpoint = self.endpoint
+        return self._data_only and (endpoint is None or not endpoint.has_output())
+
+    @property
+    def tun_frames(self) -> bool:
+        """The TUN device runs with IFF_VNET_HDR: `send_packets` takes offload frames
+        (virtio_net_hdr + packet, `meshd.tunnel.offload`) and `receive_batch` returns them."""
+        return self._tun_frames
+
+    @tun_frames.setter
+    def tun_frames(self, value: bool) -> None:
+        self._tun_frames = value
+        if self.endpoint is not None:
+            self.endpoint.frames_out = value
+
     def receive_batch(self, datagrams: Iterable[tuple[bytes, Address]], now: float) -> list[bytes]:
         """Datagrams from the socket; returns the IP packets for the TUN device."""
         tunnel: list[bytes] = []
@@ -579,7 +608,7 @@ class MeshNode:
             if not data:
                 continue
             first = data[0]
-            if 0xE1 <= first <= 0xE3:
+            if 0xE1 <= first <= 0xE4:
                 tunnel.append(data)
             elif 0x40 <= first <= 0x7F and source == turn_server and link is not None:
                 peer = link.peer_of.get(int.from_bytes(data[:2], "big"))
@@ -589,11 +618,13 @@ class MeshNode:
                     continue
                 self.metrics.relay_bytes_in += len(data)
                 inner = data[4:4 + length]
-                if inner and 0xE1 <= inner[0] <= 0xE3:
+                if inner and 0xE1 <= inner[0] <= 0xE4:
                     tunnel.append(inner)
                 else:
+                    self._data_only = False
                     self._inner(inner, peer, link.relayed_address, now)
             else:
+                self._data_only = False
                 self._stun(data, source, local, now)
         if tunnel and self.endpoint is not None:
             self._endpoint_events(self.endpoint.receive_batch(tunnel, now), now)
@@ -602,7 +633,7 @@ class MeshNode:
 
     def _inner(self, data: bytes, source: Address, local: Address, now: float) -> None:
         """A datagram the relay forwarded from `source` to our relayed address."""
-        if data and 0xE1 <= data[0] <= 0xE3:
+        if data and 0xE1 <= data[0] <= 0xE4:
             if self.endpoint is not None:
                 self._endpoint_events(self.endpoint.receive_batch([data], now), now)
             return
@@ -628,7 +659,8 @@ class MeshNode:
         self.metrics.garbage += 1
 
     def send_packets(self, packets: Sequence[bytes], now: float) -> list[Transmit]:
-        """IP packets from the TUN device → datagrams to send now."""
+        """IP packets (offload frames when `tun_frames`) from the TUN device → datagrams to
+        send now."""
         out: list[Transmit] = []
         endpoint = self.endpoint
         if endpoint is None:
@@ -636,8 +668,12 @@ class MeshNode:
             return out
         route = self._route
         groups: dict[str, list[bytes]] = {}
+        frames = self._tun_frames
+        at, dst = (VNET_HDR_LEN, slice(VNET_HDR_LEN + 16, VNET_HDR_LEN + 20)) if frames \
+            else (0, slice(16, 20))
         for packet in packets:
-            node = route.get(packet[16:20]) if packet and packet[0] >> 4 == 4 else None
+            node = (route.get(packet[dst]) if len(packet) > at and packet[at] >> 4 == 4
+                    else None)
             if node is None:
                 self.metrics.no_route += 1
                 continue
@@ -648,7 +684,11 @@ class MeshNode:
                 group.append(packet)
         for node, group in groups.items():
             peer = self._peers[node]
-            datagrams = endpoint.encrypt(node, group, now)
+            if now - peer.last_data > 1.0:  # consent checks may start again: full round
+                self._data_only = False
+            peer.last_data = now
+            datagrams = (endpoint.encrypt_frames(node, group, now) if frames
+                         else endpoint.encrypt(node, group, now))
             sent = peer.machine.transmit_many(datagrams, now)
             if len(sent) < len(datagrams):
                 self.metrics.no_path += len(datagrams) - len(sent)
@@ -712,6 +752,7 @@ class MeshNode:
 
     def datagrams_to_send(self, now: float) -> list[Transmit]:
         """Everything but data: STUN, TURN, checks, handshakes, keepalives."""
+        self._data_only = True
         out, self._outbox = self._outbox, []
         if self._query is not None:
             out += self._query.datagrams_to_send(now)
@@ -771,7 +812,10 @@ class MeshNode:
         for ev in events:
             if isinstance(ev, DecryptedPackets):
                 self._tun_out.extend(ev.packets)
-            elif isinstance(ev, Rejected):
+                continue
+            if not isinstance(ev, Rejected):
+                self._data_only = False
+            if isinstance(ev, Rejected):
                 reason = ev.reason.value
                 self.metrics.rejected[reason] = self.metrics.rejected.get(reason, 0) + ev.count
                 event(log, logging.DEBUG, "tunnel.rejected", node=self.node, peer=ev.peer,
@@ -815,7 +859,8 @@ class MeshNode:
                 bytes_out=stats.bytes_sent if stats else 0,
                 last_handshake=peer.last_handshake,
                 time_to_direct_s=peer.machine.metrics.time_to_direct_s,
-                session=stats.state if stats else "none"))
+                session=stats.state if stats else "none",
+                time_to_relay_s=peer.machine.metrics.time_to_relay_s))
         return rows
 
     def peer_overlay(self, node: str) -> ipaddress.IPv4Address | None:

@@ -353,7 +353,12 @@ class PunchMetrics:
     stale_descriptions: int = 0
     """Peer descriptions older than the one we have."""
     time_to_direct_s: float | None = None
-    """Start of the last successful round to its direct selection."""
+    """Start of the last successful round to its direct selection. A round starts once this
+    side holds both its own candidates and the peer's description: the figure counts from
+    "candidates exchanged", not from the agent's start or gathering."""
+    time_to_relay_s: float | None = None
+    """Start of the last round that ended relayed to that decision (the round timeout at the
+    latest, earlier when every direct pair failed first)."""
 
 
 # --- internals --------------------------------------------------------------------------------
@@ -764,6 +769,8 @@ class PathMachine:
                 pair.state = PairState.FAILED
         self.metrics.failures += 1
         relayed = self._relay_pair() is not None
+        if relayed:
+            self.metrics.time_to_relay_s = now - self._round_started
         self._fire("no direct" if relayed else "no path", now)
         self._emit(ChecksFailed(self.generation, len(direct), relayed, now))
         if self.role is Role.CONTROLLING:

@@ -53,11 +53,18 @@ from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
 from meshd.tunnel.identity import IdentityClaim, LocalIdentity, Peer, PeerRejected, PeerVerifier
 from meshd.tunnel.noise import HandshakeIK, NoiseError, TransportKeys
+from meshd.tunnel.offload import PLAIN_HEADER, VNET_HDR_LEN, OffloadError, check_frame, to_packets
 from meshd.tunnel.replay import ReplayWindow
 from meshd.tunnel.wire import (
+    CAP_FRAGMENTS,
     DATA_HEADER,
     DATA_OVERHEAD,
+    FRAGMENT_HEADER,
+    FRAGMENT_PART,
+    MAX_FRAGMENTS,
+    MAX_MESSAGE,
     TYPE_DATA,
+    TYPE_FRAGMENT,
     TYPE_INITIATION,
     TYPE_RESPONSE,
     HandshakePayload,
@@ -71,6 +78,8 @@ from meshd.tunnel.wire import (
     parse_initiation,
     parse_payload,
     parse_response,
+    stamp_capabilities,
+    timestamp_capabilities,
 )
 
 PROLOGUE = b"edgeweave tunnel v1"
@@ -78,6 +87,7 @@ PROLOGUE = b"edgeweave tunnel v1"
 
 _NONCE = struct.Struct("<4xQ")
 _HEADER_SIZE = DATA_HEADER.size
+_FRAGMENT_SIZE = FRAGMENT_HEADER.size
 
 
 # -- configuration -------------------------------------------------------------------------------
@@ -116,6 +126,17 @@ class TunnelConfig:
     """Packets kept while no keys are usable; the oldest are dropped beyond this."""
     check_inner_source: bool = True
     """Drop decrypted packets whose IP source is not the peer's verified overlay address."""
+    fragments: bool = True
+    """Announce `CAP_FRAGMENTS` in handshakes, and send offload frames as fragmented 0xE4
+    messages to peers that announced it (False: behave like an agent without them)."""
+    fragment_part: int = FRAGMENT_PART
+    """Ciphertext bytes per fragment (all but the last); sets the datagram size."""
+    max_partial_messages: int = 32
+    """Fragmented messages being reassembled per session at once (the oldest is dropped
+    beyond this): with 64 KB messages, 2 MB of buffer per peer at most."""
+    reassembly_timeout: float = 1.0
+    """A message not complete this long after its first fragment is dropped (TCP has
+    retransmitted it by then)."""
 
     def __post_init__(self) -> None:
         times = (
@@ -133,6 +154,10 @@ class TunnelConfig:
         if self.max_queued_packets < 0:
             raise ValueError("max_queued_packets must not be negative")
         ReplayWindow(self.replay_window)  # validates the size
+        if self.fragment_part * MAX_FRAGMENTS < MAX_MESSAGE or self.fragment_part > 0xFFFF:
+            raise ValueError(f"fragment_part must be {-(-MAX_MESSAGE // MAX_FRAGMENTS)}..65535")
+        if self.max_partial_messages < 1 or self.reassembly_timeout <= 0:
+            raise ValueError("max_partial_messages and reassembly_timeout must be positive")
 
 
 # -- events --------------------------------------------------------------------------------------
@@ -234,6 +259,14 @@ class SessionStats:
     queued_dropped: int
     rejected: dict[str, int] = field(default_factory=dict)
     """Dropped datagrams per `RejectReason` value."""
+    messages_sent: int = 0
+    """Fragmented (0xE4) messages sent; each carried one offload frame."""
+    messages_received: int = 0
+    """Fragmented messages reassembled and authenticated."""
+    messages_incomplete: int = 0
+    """Fragmented messages dropped before all fragments came (timeout or too many at once)."""
+    peer_fragments: bool = False
+    """The current keys' peer announced `CAP_FRAGMENTS` (it is sent 0xE4 messages)."""
 
 
 # -- the state machine ---------------------------------------------------------------------------
@@ -337,14 +370,15 @@ class _Keypair:
     """Transport keys from one handshake."""
 
     __slots__ = (
-        "created", "initiator", "local_index", "overlay", "peer_static", "receiver",
-        "reject_at", "rekey_at", "remote_index", "replay", "send_counter", "sender", "source",
-        "source_slice", "source_version",
+        "created", "fragments", "frame_source_slice", "initiator", "local_index", "overlay",
+        "peer_static", "receiver", "reject_at", "rekey_at", "remote_index", "replay",
+        "send_counter", "sender", "source", "source_slice", "source_version",
     )
 
     def __init__(
         self, keys: TransportKeys, *, initiator: bool, local_index: int, remote_index: int,
         overlay: OverlayAddress, now: float, config: TunnelConfig, peer_static: bytes,
+        capabilities: int = 0,
     ) -> None:
         self.sender = ChaCha20Poly1305(keys.send)
         self.peer_static = peer_static
@@ -361,6 +395,24 @@ class _Keypair:
         self.source = overlay.packed
         self.source_version = overlay.version
         self.source_slice = slice(12, 16) if overlay.version == 4 else slice(8, 24)
+        shift = VNET_HDR_LEN
+        self.frame_source_slice = slice(self.source_slice.start + shift,
+                                        self.source_slice.stop + shift)
+        self.fragments = config.fragments and bool(capabilities & CAP_FRAGMENTS)
+        """The peer announced fragments and we use them: frames go out as 0xE4 messages."""
+
+
+class _Partial:
+    """A fragmented message being reassembled."""
+
+    __slots__ = ("count", "created", "missing", "parts", "size")
+
+    def __init__(self, count: int, now: float) -> None:
+        self.count = count
+        self.created = now
+        self.missing = count
+        self.parts: list[bytes | memoryview | None] = [None] * count
+        self.size = 0
 
 
 @dataclass
@@ -475,7 +527,11 @@ class TunnelSession:
         self._next: _Keypair | None = None
         self._by_index: dict[int, _Keypair] = {}
         self._pending: _Pending | None = None
+        self.frames_out = False
+        """Decrypted packets come out as offload frames (virtio_net_hdr + packet, for a TUN
+        device with IFF_VNET_HDR) instead of plain IP packets."""
         self._queue: deque[bytes] = deque()
+        self._partials: dict[tuple[int, int], _Partial] = {}
         self._outbox: list[bytes] = []
         self._events: list[Event] = []
         self._last_sent = -float("inf")
@@ -485,7 +541,8 @@ class TunnelSession:
         self._counts = dict.fromkeys(
             ("packets_sent", "bytes_sent", "packets_received", "bytes_received",
              "keepalives_sent", "keepalives_received", "initiations_sent",
-             "handshakes_completed", "initiations_ignored", "queued_dropped"), 0)
+             "handshakes_completed", "initiations_ignored", "queued_dropped", "messages_sent",
+             "messages_received", "messages_incomplete", "offload_errors"), 0)
         self._rejected: dict[RejectReason, int] = {}
         self._receive_rekey_margin = (
             self.config.keepalive_timeout + self.config.handshake_retry_max
@@ -503,6 +560,35 @@ class TunnelSession:
             or kp.send_counter + len(packets) > self.config.reject_after_messages
         ):
             return self._encrypt_slow(packets, now)
+        self._maybe_rekey(kp, now)
+        return self._seal(kp, packets, now)
+
+    def encrypt_frames(self, frames: Sequence[bytes], now: float) -> list[bytes]:
+        """Transport datagrams for offload frames (virtio_net_hdr + packet, as a TUN device with
+        IFF_VNET_HDR reads them): each frame one AEAD message in 0xE4 fragments when the peer
+        announced them, else its complete packets (GSO and checksums done in software) as
+        0xE3 datagrams, queued like `encrypt`'s when no keys are usable."""
+        kp = self._current
+        if (
+            kp is None
+            or not kp.fragments
+            or now >= kp.reject_at
+            or kp.send_counter + len(frames) > self.config.reject_after_messages
+        ):
+            return self.encrypt(self._plain(frames), now)
+        self._maybe_rekey(kp, now)
+        return self._seal_frames(kp, frames, now)
+
+    def _plain(self, frames: Iterable[bytes]) -> list[bytes]:
+        packets: list[bytes] = []
+        for frame in frames:
+            try:
+                packets += to_packets(frame)
+            except OffloadError:  # the local kernel handed us something we cannot split
+                self._counts["offload_errors"] += 1
+        return packets
+
+    def _maybe_rekey(self, kp: _Keypair, now: float) -> None:
         if (
             (kp.send_counter >= self.config.rekey_after_messages
              or (kp.initiator and now >= kp.rekey_at))
@@ -511,7 +597,41 @@ class TunnelSession:
         ):
             self._fire(Trigger.REKEY)
             self._initiate(now)
-        return self._seal(kp, packets, now)
+
+    def _seal_frames(self, kp: _Keypair, frames: Iterable[bytes], now: float) -> list[bytes]:
+        seal = kp.sender.encrypt
+        header = FRAGMENT_HEADER.pack
+        nonce = _NONCE.pack
+        index = kp.remote_index
+        part = self.config.fragment_part
+        counter = start = kp.send_counter
+        out: list[bytes] = []
+        append = out.append
+        size = 0
+        for frame in frames:
+            if len(frame) > MAX_MESSAGE - 16:  # longer than any TUN read: not a frame
+                self._counts["offload_errors"] += 1
+                continue
+            sealed = seal(nonce(counter), frame, None)
+            length = len(sealed)
+            if length <= part:
+                append(header(TYPE_FRAGMENT, index, counter, 0, 1) + sealed)
+            else:
+                count = -(-length // part)
+                view = memoryview(sealed)
+                for k in range(count):
+                    append(header(TYPE_FRAGMENT, index, counter, k, count)
+                           + view[k * part:(k + 1) * part])
+            counter += 1
+            size += len(frame) - VNET_HDR_LEN
+        kp.send_counter = counter
+        counts = self._counts
+        counts["messages_sent"] += counter - start
+        counts["packets_sent"] += counter - start
+        counts["bytes_sent"] += size
+        if out:
+            self._last_sent = now
+        return out
 
     def _fresh_keys_coming(self, now: float) -> bool:
         """We just answered the peer's initiation: its keys replace the current ones as soon as
@@ -583,6 +703,16 @@ class TunnelSession:
         if kp is not None and now < kp.reject_at:
             self._outbox.extend(self._seal(kp, (b"",), now, keepalive=True))
 
+    @property
+    def partial_messages(self) -> int:
+        """Fragmented messages being reassembled now (at most `max_partial_messages`)."""
+        return len(self._partials)
+
+    @property
+    def has_output(self) -> bool:
+        """`datagrams_to_send` would return something."""
+        return bool(self._outbox)
+
     def datagrams_to_send(self, now: float) -> list[bytes]:
         """Handshake messages, keepalives and formerly queued packets, in order."""
         out, self._outbox = self._outbox, []
@@ -595,15 +725,18 @@ class TunnelSession:
         return self.receive_batch((datagram,), now)
 
     def receive_batch(self, datagrams: Iterable[bytes], now: float) -> list[Event]:
-        """Handle datagrams from the peer; decrypted packets come out as one event."""
+        """Handle datagrams from the peer; decrypted packets come out as one event (plain IP
+        packets, or offload frames when `frames_out` is set)."""
         packets: list[bytes] = []
         append = packets.append
         drops: dict[RejectReason, tuple[int, str]] = {}
         by_index, nxt = self._by_index, self._next
         check_source = self.config.check_inner_source
+        frames_out = self.frames_out
         nonce = _NONCE.pack
         unpack = DATA_HEADER.unpack_from
-        keepalives = 0
+        unpack_fragment = FRAGMENT_HEADER.unpack_from
+        keepalives = messages = 0
         # The keys of the previous datagram and what the loop needs of them: a batch is
         # nearly always for one keypair, so attribute lookups happen once per batch.
         kp: _Keypair | None = None
@@ -612,9 +745,18 @@ class TunnelSession:
         check = replay.check
         mark = replay.mark
         decrypt = _no_decrypt
-        source_slice, source, version = slice(0), b"", 0
+        source_slice, frame_slice, source, version = slice(0), slice(0), b"", 0
         for datagram in datagrams:
-            if len(datagram) < DATA_OVERHEAD or datagram[0] != TYPE_DATA:
+            kind = datagram[0] if datagram else -1
+            if kind == TYPE_DATA and len(datagram) >= DATA_OVERHEAD:
+                _, index, counter = unpack(datagram)
+                count = 0
+            elif kind == TYPE_FRAGMENT and len(datagram) > _FRAGMENT_SIZE:
+                _, index, counter, part, count = unpack_fragment(datagram)
+                if not part < count <= MAX_FRAGMENTS:
+                    _count(drops, RejectReason.MALFORMED, f"fragment {part} of {count}")
+                    continue
+            else:
                 try:
                     self._receive_handshake(datagram, now)
                 except HandshakeRefused as exc:
@@ -622,7 +764,6 @@ class TunnelSession:
                 by_index, nxt = self._by_index, self._next  # keys may have changed
                 last_index = -1
                 continue
-            _, index, counter = unpack(datagram)
             if index != last_index:
                 kp = by_index.get(index)
                 if kp is None:
@@ -635,12 +776,22 @@ class TunnelSession:
                 replay = kp.replay
                 check, mark, decrypt = replay.check, replay.mark, kp.receiver.decrypt
                 source_slice, source, version = kp.source_slice, kp.source, kp.source_version
+                frame_slice = kp.frame_source_slice
             if not check(counter):
                 _count(drops, RejectReason.REPLAYED if counter < replay.limit
                        else RejectReason.KEY_EXPIRED)
                 continue
+            if not count:
+                sealed = datagram[_HEADER_SIZE:]
+            elif count == 1:
+                sealed = datagram[_FRAGMENT_SIZE:]
+            else:
+                joined = self._reassemble(index, counter, part, count, datagram, now, drops)
+                if joined is None:
+                    continue
+                sealed = joined
             try:
-                packet = decrypt(nonce(counter), datagram[_HEADER_SIZE:], None)
+                packet = decrypt(nonce(counter), sealed, None)
             except InvalidTag:
                 _count(drops, RejectReason.AUTH_FAILED)
                 continue
@@ -651,15 +802,34 @@ class TunnelSession:
                 by_index, nxt = self._by_index, self._next
             if not packet:
                 keepalives += 1
+            elif count:  # an offload frame
+                messages += 1
+                try:
+                    check_frame(packet)
+                except OffloadError as exc:
+                    _count(drops, RejectReason.MALFORMED, f"offload frame: {exc}")
+                    continue
+                if check_source and (packet[frame_slice] != source
+                                     or packet[VNET_HDR_LEN] >> 4 != version):
+                    _count(drops, RejectReason.SPOOFED_SOURCE, "inner source is not the peer's")
+                elif frames_out:
+                    append(packet)
+                else:
+                    try:
+                        packets += to_packets(packet)
+                    except OffloadError as exc:
+                        _count(drops, RejectReason.MALFORMED, f"offload frame: {exc}")
             elif check_source and (packet[source_slice] != source or packet[0] >> 4 != version):
                 _count(drops, RejectReason.SPOOFED_SOURCE, "inner source is not the peer's")
             else:
-                append(packet)
+                append(PLAIN_HEADER + packet if frames_out else packet)
         counts = self._counts
         if packets:
             counts["packets_received"] += len(packets)
-            counts["bytes_received"] += sum(map(len, packets))
+            counts["bytes_received"] += sum(map(len, packets)) - (
+                VNET_HDR_LEN * len(packets) if frames_out else 0)
         counts["keepalives_received"] += keepalives
+        counts["messages_received"] += messages
         if packets or keepalives:
             self._after_receive(now)
         events = self._take_events()
@@ -669,6 +839,52 @@ class TunnelSession:
             self._rejected[reason] = self._rejected.get(reason, 0) + count
             events.append(Rejected(self.peer.node, reason, count, detail))
         return events
+
+    def _reassemble(
+        self, index: int, counter: int, part: int, count: int, datagram: bytes, now: float,
+        drops: dict[RejectReason, tuple[int, str]],
+    ) -> bytes | None:
+        """Keep one fragment; the whole ciphertext once the message's last one came. Memory
+        stays bounded: `max_partial_messages` per session, `MAX_MESSAGE` bytes each."""
+        partials = self._partials
+        key = (index, counter)
+        entry = partials.get(key)
+        if entry is None:
+            self._expire_partials(now)
+            if len(partials) >= self.config.max_partial_messages:
+                del partials[next(iter(partials))]  # the oldest
+                self._counts["messages_incomplete"] += 1
+            entry = partials[key] = _Partial(count, now)
+        elif entry.count != count:
+            _count(drops, RejectReason.MALFORMED, "fragment count differs within a message")
+            return None
+        parts = entry.parts
+        if parts[part] is not None:
+            _count(drops, RejectReason.REPLAYED, "duplicate fragment")
+            return None
+        piece = memoryview(datagram)[_FRAGMENT_SIZE:]
+        entry.size += len(piece)
+        if entry.size > MAX_MESSAGE:
+            del partials[key]
+            self._counts["messages_incomplete"] += 1
+            _count(drops, RejectReason.MALFORMED, "fragmented message too long")
+            return None
+        parts[part] = piece
+        entry.missing -= 1
+        if entry.missing:
+            return None
+        del partials[key]
+        return b"".join(parts)  # type: ignore[arg-type]  # no None left
+
+    def _expire_partials(self, now: float) -> None:
+        partials = self._partials
+        limit = now - self.config.reassembly_timeout
+        while partials:
+            key = next(iter(partials))
+            if partials[key].created > limit:
+                break
+            del partials[key]
+            self._counts["messages_incomplete"] += 1
 
     def _after_receive(self, now: float) -> None:
         """A receiving initiator renews keys before the peer would stop accepting them."""
@@ -736,6 +952,7 @@ class TunnelSession:
             opened.handshake.keys(), initiator=False, local_index=index,
             remote_index=opened.sender_index, overlay=opened.payload.overlay, now=now,
             config=self.config, peer_static=opened.static_public,
+            capabilities=timestamp_capabilities(opened.payload.timestamp_ns),
         )
         if self._next is not None:
             self._indexes.release(self._next.local_index)
@@ -771,6 +988,7 @@ class TunnelSession:
             pending.handshake.keys(), initiator=True, local_index=pending.index,
             remote_index=response.sender_index, overlay=payload.overlay, now=now,
             config=self.config, peer_static=responder_static,
+            capabilities=timestamp_capabilities(payload.timestamp_ns),
         )
         self._install(kp, now, initiator=True)
         self._fire(Trigger.RESPONSE)
@@ -828,7 +1046,8 @@ class TunnelSession:
 
     def _payload(self, now: float) -> HandshakePayload:
         wall_ns = int((now + self._wall_offset) * 1e9)
-        self._own_timestamp = max(wall_ns, self._own_timestamp + 1)
+        capabilities = CAP_FRAGMENTS if self.config.fragments else 0
+        self._own_timestamp = stamp_capabilities(wall_ns, self._own_timestamp, capabilities)
         return HandshakePayload(
             self.local.overlay, self._own_timestamp, self.local.certificate, self.local.signature
         )
@@ -855,6 +1074,7 @@ class TunnelSession:
     def handle_timer(self, now: float) -> list[Event]:
         """Retries, give-ups, key expiry and keepalives due at `now`."""
         self._expire(now)
+        self._expire_partials(now)
         pending = self._pending
         if pending is not None and now >= pending.retry_at:
             if now - pending.first_sent >= self.config.handshake_give_up:
@@ -921,6 +1141,7 @@ class TunnelSession:
         self._current = self._previous = self._next = None
         self._drop_pending()
         self._queue.clear()
+        self._partials.clear()
         self._reindex()
         self._fire(Trigger.CLOSE)
 
@@ -945,6 +1166,10 @@ class TunnelSession:
             initiations_ignored=c["initiations_ignored"],
             queued_dropped=c["queued_dropped"],
             rejected={r.value: n for r, n in self._rejected.items()},
+            messages_sent=c["messages_sent"],
+            messages_received=c["messages_received"],
+            messages_incomplete=c["messages_incomplete"],
+            peer_fragments=self._current is not None and self._current.fragments,
         )
 
     def _fire(self, trigger: Trigger) -> None:

@@ -29,6 +29,20 @@ Transport data: one whole IP packet, or nothing (a keepalive):
     +------+----------------+-----------+-------------------------------------+
        1           4              8                     n + 16
 
+Transport fragment: one AEAD message (an offload frame, `meshd.tunnel.offload`: virtio_net_hdr
++ IP packet or GSO super-packet of up to 64 KB) cut into `count` datagrams:
+
+    +------+----------------+-----------+-------+-------+-----------------------------------+
+    | 0xE4 | receiver index |  counter  | index | count | part `index` of AEAD(frame) + tag |
+    +------+----------------+-----------+-------+-------+-----------------------------------+
+       1           4              8          1       1              1 .. n
+
+The ciphertext (frame + 16-byte tag) is cut into parts of equal size (the last may be shorter);
+part `index` of `count` (1..64) travels in fragment `index`. The receiver joins the parts of one
+(receiver index, counter) and opens them with one AEAD call; the counter is the nonce and goes
+through the replay window once per message, as for 0xE3. A lost fragment loses the message.
+Only peers that announced `CAP_FRAGMENTS` in their handshake payload are sent 0xE4.
+
 Indexes are chosen by the receiver of later messages (the *sender index* of a handshake message
 is what the peer puts in *receiver index* afterwards), so a datagram finds its keys with one
 lookup and reveals nothing about the node. The counter is the AEAD nonce (Noise's 32 zero bits
@@ -42,6 +56,12 @@ Handshake payload (inside the Noise encryption, so only the peer sees it):
     |   = 1   | 4 or 6 |          |  ns, Unix | address |    (DER)    | (the rest)|
     +---------+--------+----------+-----------+---------+-------------+-----------+
          1         1         2          8       4 or 16    cert len      1..512
+
+The timestamp's low byte carries capabilities: `CAP_MARKER | bits` (bit 0: `CAP_FRAGMENTS`, the
+sender accepts 0xE4). Agents before this extension leave it 0 (their clock comes from a float of
+256-ns granularity), so they announce nothing; its clock part keeps growing in steps of 256 ns.
+The announcement is inside the Noise encryption and authenticated with the handshake (a
+man in the middle can neither add nor strip it); old agents parse it as part of the time.
 
 The overlay address is the one the sender claims; the certificate is its node certificate from
 the cluster CA; the signature, by the certificate's key, covers the sender's Noise static key and
@@ -74,11 +94,13 @@ class MessageType(IntEnum):
     INITIATION = 0xE1
     RESPONSE = 0xE2
     DATA = 0xE3
+    FRAGMENT = 0xE4
 
 
 TYPE_INITIATION = MessageType.INITIATION.value
 TYPE_RESPONSE = MessageType.RESPONSE.value
 TYPE_DATA = MessageType.DATA.value
+TYPE_FRAGMENT = MessageType.FRAGMENT.value
 
 INITIATION_HEADER = struct.Struct("!BI")
 RESPONSE_HEADER = struct.Struct("!BII")
@@ -86,6 +108,23 @@ DATA_HEADER = struct.Struct("!BIQ")
 """Type, receiver index, counter: 13 bytes. The session's hot loop uses this directly."""
 DATA_OVERHEAD = DATA_HEADER.size + TAGLEN
 """Bytes a transport datagram adds to the packet it carries (29)."""
+
+FRAGMENT_HEADER = struct.Struct("!BIQBB")
+"""Type, receiver index, counter, fragment index, fragment count: 15 bytes."""
+MAX_FRAGMENTS = 64
+"""Fragments of one message at most (one UDP GSO send carries at most 64 segments)."""
+MAX_MESSAGE = 0xFFFF + 10 + TAGLEN
+"""Largest ciphertext of a fragmented message: a 64 KB packet, its offload header, the tag."""
+FRAGMENT_PART = 1406
+"""Ciphertext bytes per fragment a sender puts in all but the last fragment: a whole
+1380-byte packet with its 10-byte offload header fits in one 1421-byte datagram, which leaves
+room for outer IPv4 + UDP (28) and TURN ChannelData (4) within 1500."""
+
+CAP_MARKER = 0x80
+"""Set in the low byte of the handshake timestamp by agents that announce capabilities."""
+CAP_FRAGMENTS = 0x01
+"""The sender accepts 0xE4 fragments (offload frames, up to 64 KB)."""
+CAP_MASK = 0xFF
 
 PAYLOAD_HEADER = struct.Struct("!BBHQ")
 PAYLOAD_VERSION = 1
@@ -130,6 +169,20 @@ class DataHeader:
     """Which of the receiver's keys decrypts it."""
     counter: int
     """Per-key message counter, the AEAD nonce."""
+
+
+@dataclass(frozen=True)
+class FragmentHeader:
+    """The clear part of a transport fragment."""
+
+    receiver_index: int
+    """Which of the receiver's keys decrypts the message."""
+    counter: int
+    """Per-key message counter, the AEAD nonce (the message's identity)."""
+    index: int
+    """Which part of the ciphertext this is (0-based)."""
+    count: int
+    """How many parts the message has (1..MAX_FRAGMENTS)."""
 
 
 @dataclass(frozen=True)
@@ -215,6 +268,46 @@ def parse_data_header(data: bytes) -> DataHeader:
 def data_ciphertext(data: bytes) -> bytes:
     """The AEAD ciphertext (with its tag) of a transport datagram."""
     return data[DATA_HEADER.size :]
+
+
+def encode_fragments(receiver_index: int, counter: int, ciphertext: bytes,
+                     part: int = FRAGMENT_PART) -> list[bytes]:
+    """The fragments of one sealed message (parts of `part` bytes, the last shorter)."""
+    _check_index(receiver_index)
+    if not 0 <= counter < 2**64:
+        raise ValueError(f"counter out of range: {counter}")
+    if not TAGLEN <= len(ciphertext) <= MAX_MESSAGE:
+        raise ValueError(f"ciphertext of {len(ciphertext)} bytes cannot be fragmented")
+    count = -(-len(ciphertext) // part) if part > 0 else MAX_FRAGMENTS + 1
+    if count > MAX_FRAGMENTS:
+        raise ValueError(f"{len(ciphertext)} bytes in parts of {part}: too many fragments")
+    pack = FRAGMENT_HEADER.pack
+    return [pack(TYPE_FRAGMENT, receiver_index, counter, k, count)
+            + ciphertext[k * part:(k + 1) * part] for k in range(count)]
+
+
+def parse_fragment_header(data: bytes) -> FragmentHeader:
+    if len(data) <= FRAGMENT_HEADER.size or data[0] != TYPE_FRAGMENT:
+        raise TunnelParseError(f"not a transport fragment ({len(data)} bytes)")
+    _, receiver, counter, index, count = FRAGMENT_HEADER.unpack_from(data)
+    if not index < count <= MAX_FRAGMENTS:
+        raise TunnelParseError(f"fragment {index} of {count}")
+    return FragmentHeader(receiver, counter, index, count)
+
+
+def timestamp_capabilities(timestamp_ns: int) -> int:
+    """The capability bits a handshake timestamp announces (0 from agents that predate them)."""
+    low = timestamp_ns & CAP_MASK
+    return low & ~CAP_MARKER if low & CAP_MARKER else 0
+
+
+def stamp_capabilities(wall_ns: int, previous: int, capabilities: int) -> int:
+    """The next handshake timestamp: newer than `previous` (in 256-ns steps) and carrying
+    `capabilities` in its low byte (none: the low byte stays 0, like older agents)."""
+    if not 0 <= capabilities < CAP_MARKER:
+        raise ValueError(f"capabilities out of range: {capabilities}")
+    clock = max(wall_ns & ~CAP_MASK, (previous & ~CAP_MASK) + CAP_MASK + 1)
+    return clock | (CAP_MARKER | capabilities if capabilities else 0)
 
 
 def encode_payload(payload: HandshakePayload) -> bytes:

@@ -20,6 +20,9 @@ What it does:
   (§11) and ChannelData (§12.4) both ways. Nothing is relayed to or from a peer without a
   permission; peers on loopback, multicast or denied networks are refused (403).
 - An optional per-node token bucket on relayed bytes.
+- A batched data path (`handle_reads`, RFC 8656 §12.4 ChannelData both ways): reads of several
+  datagrams in, `TransmitBatch`es out (one UDP GSO send each), the same checks and counters as
+  `handle_datagram`; two relayed addresses of this server talk without the kernel in between.
 - Binding requests go to the composed `StunServer` (RFC 5780 and all).
 """
 
@@ -71,6 +74,7 @@ from meshd.stun.codec import (
 )
 from meshd.stun.server import DEFAULT_SOFTWARE, StunServer
 from meshd.turn.credentials import candidate_passwords, parse_username
+from meshd.turn.fastpath import Batcher, TransmitBatch, read_count
 from meshd.turn.framing import (
     CHANNEL_HEADER,
     CHANNEL_MIN,
@@ -81,7 +85,7 @@ from meshd.turn.framing import (
     pad_for_stream,
 )
 from meshd.turn.ports import PortPool, RelayPorts
-from meshd.udp import Address, Transmit, format_address
+from meshd.udp import Address, Read, Transmit, format_address
 
 log = logging.getLogger("meshd.turn")
 
@@ -141,8 +145,8 @@ class StreamClose:
     """Why, for the log."""
 
 
-Output = Transmit | StreamWrite | StreamClose
-"""What the core asks its adapter to do."""
+Output = Transmit | TransmitBatch | StreamWrite | StreamClose
+"""What the core asks its adapter to do (`TransmitBatch` only from `handle_reads`)."""
 
 
 @dataclass(frozen=True)
@@ -258,6 +262,15 @@ class TurnMetrics:
     dropped_no_allocation: int = 0
     """Indications and ChannelData from a 5-tuple without allocation, datagrams to closed
     relayed ports."""
+    coalesced_reads: int = 0
+    """Reads given to `handle_reads` that held several datagrams (UDP GRO)."""
+    batches: int = 0
+    """`TransmitBatch`es `handle_reads` returned (each one GSO send of several datagrams)."""
+    batched_datagrams: int = 0
+    """Datagrams those batches carried."""
+    relayed_locally: int = 0
+    """ChannelData payloads whose peer was another relayed address of this server, handed
+    to that allocation directly (see `TurnServer._send_run`)."""
 
 
 @dataclass(slots=True)
@@ -332,6 +345,9 @@ class TurnServer:
         self._pool = PortPool(config.relay_ip, config.min_port, config.max_port, ports,
                               self._rng)
         self._advertised_ip = config.external_ip or config.relay_ip
+        # Relayed addresses are what peers see (no NAT in front): one allocation's peer may be
+        # another's relayed address, and a datagram between them can skip the kernel.
+        self._loop_locally = self._advertised_ip == config.relay_ip
         self._denied = tuple(ipaddress.ip_network(n, strict=False) for n in config.denied_peers)
         self._by_flow: dict[FiveTuple, _Allocation] = {}
         self._by_udp: dict[tuple[Address, Address], _Allocation] = {}  # (client, server)
@@ -366,6 +382,39 @@ class TurnServer:
             return self._from_client(data, FiveTuple(Transport.UDP, source, local), now)
         self.metrics.dropped_no_allocation += 1
         return []
+
+    def handle_reads(self, reads: Iterable[Read], local: Address, now: float) -> list[Output]:
+        """Everything one wake-up read from the socket on `local`: `(data, segment, source)`
+        per read, where a `segment` > 0 means `data` holds datagrams of that size from
+        `source` back to back (the kernel coalesced them, UDP GRO; the last may be shorter).
+
+        Same effect as `handle_datagram` per datagram, in order (same checks, counters, drops
+        and replies), but ChannelData from clients and datagrams from peers skip the per-
+        datagram machinery (lookups once per read and channel, slices, no objects), and
+        consecutive datagrams from one local address to one destination come back as one
+        `TransmitBatch`. A read that was coalesced from a source keeps its datagrams' order."""
+        if self._timers and self._timers[0][0] <= now:
+            self.handle_timer(now)
+        batcher = Batcher()
+        others: list[Output] = []
+        allocation = self._by_relay.get(local)
+        if allocation is not None:
+            for data, segment, source in reads:
+                self._peer_read(allocation, data, segment, source, now, batcher, others)
+        elif local in self._listening:
+            for data, segment, source in reads:
+                self._client_read(data, segment, source, local, now, batcher, others)
+        else:
+            for data, segment, _ in reads:
+                self.metrics.dropped_no_allocation += read_count(len(data), segment)
+        out = batcher.finish()
+        for o in out:
+            if isinstance(o, TransmitBatch):
+                self.metrics.batches += 1
+                self.metrics.batched_datagrams += o.count
+        if not others:
+            return list(out)
+        return [*out, *others]
 
     def stream_received(self, flow: FiveTuple, data: bytes, now: float) -> list[Output]:
         """Bytes from a TCP client connection (RFC 8656 §3.1), in any chunking."""
@@ -449,6 +498,10 @@ class TurnServer:
             ("meshd_relay_dropped_total", {"reason": "rate-limited"}, m.dropped_rate_limited),
             ("meshd_relay_dropped_total", {"reason": "malformed"}, m.dropped_malformed),
             ("meshd_relay_dropped_total", {"reason": "no-allocation"}, m.dropped_no_allocation),
+            ("meshd_relay_coalesced_reads_total", {}, m.coalesced_reads),
+            ("meshd_relay_batches_total", {}, m.batches),
+            ("meshd_relay_batched_datagrams_total", {}, m.batched_datagrams),
+            ("meshd_relay_local_datagrams_total", {}, m.relayed_locally),
         ]
         out.extend(("meshd_relay_errors_total", {"code": str(code)}, count)
                    for code, count in sorted(m.errors.items()))
@@ -772,6 +825,217 @@ class TurnServer:
             return []
         payload = data[CHANNEL_HEADER.size : CHANNEL_HEADER.size + length]
         return self._to_peer(allocation, channel.peer, payload, now)
+
+    def _client_read(self, data: bytes, segment: int, source: Address, local: Address,
+                     now: float, batcher: Batcher, others: list[Output]) -> None:
+        """The datagrams of one read on a listening socket (RFC 8656 §12.4 fast path): the
+        same checks as `_client_channel_data` + `_to_peer`, with the allocation and each
+        channel's route looked up once per read; anything but ChannelData goes the slow way.
+        Payloads for one route go out together (`_send_run`)."""
+        size = len(data)
+        limited = self.config.bytes_per_s_per_node > 0
+        first = 0
+        if segment <= 0 or segment >= size:
+            segment = size or 1  # an empty datagram is one datagram too
+        else:
+            self.metrics.coalesced_reads += 1
+            if not limited:
+                first = self._client_uniform(data, segment, source, local, now, batcher,
+                                             others)
+        metrics = self.metrics
+        unpack = CHANNEL_HEADER.unpack_from
+        allocation: _Allocation | None = None
+        looked_up = False
+        number = -1  # the channel `route` belongs to (a read usually holds one channel only)
+        route: tuple[Address, _Allocation | None] | None = None
+        run: list[bytes] = []  # payloads for `route`, all of `run_length` bytes
+        run_length = -1
+        relayed = relayed_bytes = 0
+        for start in range(first, size or 1, segment):
+            end = start + segment if start + segment < size else size
+            if not size or not 0x40 <= data[start] <= 0x7F:  # STUN, garbage: the slow path
+                if run:
+                    assert allocation is not None and route is not None
+                    self._send_run(allocation, route, run, now, batcher, others)
+                    run = []
+                self._slow(self._from_client(data[start:end], FiveTuple(Transport.UDP, source,
+                                                                        local), now),
+                           batcher, others)
+                looked_up, number = False, -1  # the request may have changed anything
+                continue
+            if not looked_up:
+                allocation, looked_up = self._by_udp.get((source, local)), True
+            if allocation is None:
+                metrics.dropped_no_allocation += 1
+                continue
+            if end - start < 4:
+                self._drop_malformed(allocation.flow, "ChannelData too short")
+                continue
+            channel, length = unpack(data, start)
+            if start + 4 + length > end:
+                self._drop_malformed(allocation.flow, "ChannelData length overruns")
+                continue
+            if channel != number:
+                if run:
+                    assert route is not None
+                    self._send_run(allocation, route, run, now, batcher, others)
+                    run = []
+                number, route = channel, self._channel_route(allocation, channel, now)
+            if route is None:
+                metrics.dropped_no_permission += 1
+                continue
+            if limited and not self._within_rate(allocation.node, length, now):
+                continue
+            if length != run_length:
+                if run:
+                    self._send_run(allocation, route, run, now, batcher, others)
+                    run = []
+                run_length = length
+            run.append(data[start + 4 : start + 4 + length])
+            relayed += 1
+            relayed_bytes += length
+        if run:
+            assert allocation is not None and route is not None
+            self._send_run(allocation, route, run, now, batcher, others)
+        metrics.datagrams_out += relayed
+        metrics.bytes_out += relayed_bytes
+
+    def _client_uniform(self, data: bytes, segment: int, source: Address, local: Address,
+                        now: float, batcher: Batcher, others: list[Output]) -> int:
+        """The usual coalesced read: every full-size datagram is ChannelData with the same
+        4-byte header (one channel, Length = segment - 4, no padding). Checked with four
+        strided slices instead of a loop; then one lookup and one run for all of them.
+        Returns the bytes handled (0: not such a read, or nothing to do; the per-datagram loop
+        takes the rest, e.g. a shorter last datagram)."""
+        header = data[:4]
+        count = len(data) // segment  # full-size datagrams
+        if (count < 2 or not 0x40 <= header[0] <= 0x7F
+                or header[2] << 8 | header[3] != segment - 4):
+            return 0
+        end = count * segment
+        for k in range(4):
+            if data[k:end:segment] != header[k : k + 1] * count:
+                return 0
+        allocation = self._by_udp.get((source, local))
+        if allocation is None:
+            return 0  # counted by the loop
+        route = self._channel_route(allocation, header[0] << 8 | header[1], now)
+        if route is None:
+            return 0
+        self.metrics.datagrams_out += count
+        self.metrics.bytes_out += count * (segment - 4)
+        if route[1] is not None and self._rewrite_locally(allocation, route[1], data, segment,
+                                                          count, now, batcher):
+            return end
+        payloads = [data[i + 4 : i + segment] for i in range(0, end, segment)]
+        self._send_run(allocation, route, payloads, now, batcher, others)
+        return end
+
+    def _rewrite_locally(self, allocation: _Allocation, target: _Allocation, data: bytes,
+                         segment: int, count: int, now: float, batcher: Batcher) -> bool:
+        """Relay to relay, the usual case: `count` ChannelData messages of one channel and size
+        become `target`'s client's ChannelData by rewriting the 4 header bytes of each in a copy
+        of the read (the payloads stay where they are). Only when `target` has a live channel
+        and permission for `allocation`'s relayed address and a UDP client (and no rate limit
+        applies: the caller checks); False leaves it to `_send_run`."""
+        source = allocation.relay
+        number = target.peer_channels.get(source)
+        channel = target.channels.get(number) if number is not None else None
+        if (channel is None or number is None or channel.expires <= now
+                or target.flow.transport is not Transport.UDP
+                or target.permissions.get(source[0], 0.0) <= now):
+            return False
+        out = bytearray(data)
+        end = count * segment
+        del out[end:]
+        header = CHANNEL_HEADER.pack(number, segment - 4)
+        for k in range(4):
+            out[k:end:segment] = header[k : k + 1] * count
+        metrics = self.metrics
+        metrics.relayed_locally += count
+        metrics.datagrams_in += count
+        metrics.bytes_in += count * (segment - 4)
+        batcher.add_block(target.flow.server, target.flow.client, out, segment)
+        return True
+
+    def _channel_route(self, allocation: _Allocation, number: int,
+                       now: float) -> tuple[Address, _Allocation | None] | None:
+        """Where ChannelData on `number` goes now: (the bound peer, the allocation of this
+        server whose relayed address that is, if any), or None when the channel (§12) or the
+        peer's permission (§9) is not alive (drop: no open relay)."""
+        channel = allocation.channels.get(number)
+        if channel is None or channel.expires <= now:
+            return None
+        peer = channel.peer
+        if allocation.permissions.get(peer[0], 0.0) <= now:
+            return None
+        return peer, self._by_relay.get(peer) if self._loop_locally else None
+
+    def _send_run(self, allocation: _Allocation, route: tuple[Address, _Allocation | None],
+                  payloads: list[bytes], now: float, batcher: Batcher,
+                  others: list[Output]) -> None:
+        """Payloads of one size from `allocation`'s relayed address to `route`'s peer. When
+        the peer is another relayed address of this server (two relayed nodes talking), the
+        datagrams go straight to that allocation's peer path: what the kernel would deliver
+        to its socket, with the same checks, minus two system calls and a wake-up."""
+        peer, target = route
+        if target is None:
+            batcher.add_many(allocation.relay, peer, payloads)
+            return
+        self.metrics.relayed_locally += len(payloads)
+        self._from_peer_many(target, payloads, allocation.relay, now, batcher, others)
+
+    def _peer_read(self, allocation: _Allocation, data: bytes, segment: int, source: Address,
+                   now: float, batcher: Batcher, others: list[Output]) -> None:
+        """The datagrams of one read on a relayed socket."""
+        size = len(data)
+        if 0 < segment < size:
+            self.metrics.coalesced_reads += 1
+            chunks = [data[i : i + segment] for i in range(0, size, segment)]
+        else:
+            chunks = [data]
+        self._from_peer_many(allocation, chunks, source, now, batcher, others)
+
+    def _from_peer_many(self, allocation: _Allocation, chunks: list[bytes], source: Address,
+                        now: float, batcher: Batcher, others: list[Output]) -> None:
+        """`_from_peer` for datagrams of one size (the last may be shorter) from one source:
+        its checks once (they depend on the source only), then a ChannelData header in front
+        of each (§12.4). Without a live channel, or to a TCP client, `_from_peer` itself (Data
+        indications, padding)."""
+        number = allocation.peer_channels.get(source)
+        channel = allocation.channels.get(number) if number is not None else None
+        flow = allocation.flow
+        if (channel is None or number is None or channel.expires <= now
+                or flow.transport is not Transport.UDP):
+            for chunk in chunks:
+                self._slow(self._from_peer(allocation, chunk, source, now), batcher, others)
+            return
+        metrics = self.metrics
+        if allocation.permissions.get(source[0], 0.0) <= now:
+            metrics.dropped_no_permission += len(chunks)  # RFC 8656 §11.3
+            return
+        if self.config.bytes_per_s_per_node > 0:
+            node = allocation.node
+            chunks = [c for c in chunks if self._within_rate(node, len(c), now)]
+            if not chunks:
+                return
+        size = len(chunks[0])
+        full = CHANNEL_HEADER.pack(number, size)
+        frames = [full + chunk for chunk in chunks]
+        last = len(chunks[-1])
+        if last != size:
+            frames[-1] = CHANNEL_HEADER.pack(number, last) + chunks[-1]
+        metrics.datagrams_in += len(chunks)
+        metrics.bytes_in += size * (len(chunks) - 1) + last
+        batcher.add_many(flow.server, flow.client, frames)
+
+    @staticmethod
+    def _slow(outputs: list[Output], batcher: Batcher, others: list[Output]) -> None:
+        for o in outputs:
+            if isinstance(o, Transmit) and o.ttl is None:
+                batcher.add(o.source, o.destination, o.data)
+            else:
+                others.append(o)
 
     def _to_peer(self, allocation: _Allocation, peer: Address, data: bytes,
                  now: float) -> list[Output]:

@@ -8,8 +8,13 @@
 Sockets: the STUN/TURN listening sockets (primary IP × {port, alt port}, and the alternate IP's
 two when given; RFC 5780 Binding works on all of them, TURN requests too), a TCP listener on
 the primary address for TURN over TCP (RFC 8656 §3.1, stream framing §12.5), and one UDP socket
-per relayed address, bound synchronously when the core asks (`RelayPorts`) and read with
-`add_reader` in batches. One timer, re-armed to `TurnServer.get_timer()`. No decisions here.
+per relayed address, bound synchronously when the core asks (`RelayPorts`). One timer, re-armed
+to `TurnServer.get_timer()`. No decisions here.
+
+Every UDP socket is a `meshd.udp.BatchSocket` read with `add_reader`: one wake-up drains the
+socket (up to `_READ_BATCH` reads, each possibly a UDP GRO burst of equal-size datagrams from
+one source) into one `TurnServer.handle_reads` call, and the `TransmitBatch`es it returns go
+out as one UDP GSO `sendmsg` each. That is the relay's fast path (docs/reference/meshd-relay.md).
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from aiohttp import web
 
 from edgeweave.log import event
 from meshd.stun.server import DEFAULT_SOFTWARE, ServerAddresses, StunServer
+from meshd.turn.fastpath import TransmitBatch
 from meshd.turn.server import (
     FiveTuple,
     Output,
@@ -34,13 +40,22 @@ from meshd.turn.server import (
     TurnServer,
     TurnServerConfig,
 )
-from meshd.udp import Address, BindError, Transmit, UdpSocket, canonical, format_address, open_udp
+from meshd.udp import (
+    Address,
+    BatchCounters,
+    BatchSocket,
+    BindError,
+    Read,
+    Transmit,
+    canonical,
+    format_address,
+)
 
 log = logging.getLogger("meshd.turn")
 
 _EPHEMERAL_ATTEMPTS = 8  # port 0: the UDP port picked may be taken on the other IP or for TCP
 _ROLES = ("primary", "alt-port", "alt-ip", "alt-ip-alt-port")
-_READ_BATCH = 64  # datagrams read per wake-up of a relayed socket
+_READ_BATCH = 64  # reads per wake-up of a socket (each may be a GRO burst of 64 datagrams)
 _TCP_WRITE_LIMIT = 1 << 20  # drop relayed data for a TCP client that stopped reading
 # Linux <linux/in.h>, <linux/in6.h> (Python 3.11's socket module lacks the names).
 _IP_MTU_DISCOVER, _IPV6_MTU_DISCOVER, _PMTUDISC_DO = 10, 23, 2
@@ -54,33 +69,29 @@ class _RelaySockets:
     """`RelayPorts` over real non-blocking UDP sockets."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop,
-                 on_datagram: Callable[[bytes, Address, Address], None]) -> None:
+                 on_reads: Callable[[list[Read], Address], None]) -> None:
         self._loop = loop
-        self._on_datagram = on_datagram
-        self._sockets: dict[Address, socket.socket] = {}
+        self._on_reads = on_reads
+        self._sockets: dict[Address, BatchSocket] = {}
         self._reported: set[int] = set()  # errnos already logged (one warning each)
-        self.send_errors = 0
-        """Datagrams the kernel refused to send (buffer full, unreachable, ...)."""
+        self.closed = BatchCounters()
+        """What the sockets closed so far did (`counters()` adds the open ones)."""
 
     def open(self, address: Address) -> bool:
-        family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_DGRAM)
         try:
-            sock.setblocking(False)
-            sock.bind(address)
-        except OSError as exc:
-            sock.close()
+            sock = BatchSocket.bind(address)
+        except BindError as exc:
             if exc.errno != errno.EADDRINUSE and exc.errno not in self._reported:
                 self._reported.add(exc.errno or 0)
                 event(log, logging.WARNING, "turn.relay_bind", address=format_address(address),
-                      error=exc.strerror or exc)
+                      error=exc)
             return False
         self._sockets[address] = sock
         self._loop.add_reader(sock.fileno(), self._readable, address, sock)
         return True
 
     def set_dont_fragment(self, address: Address) -> None:
-        sock = self._sockets[address]
+        sock = self._sockets[address].sock
         try:
             if sock.family == socket.AF_INET6:
                 sock.setsockopt(socket.IPPROTO_IPV6, _IPV6_MTU_DISCOVER, _PMTUDISC_DO)
@@ -93,32 +104,34 @@ class _RelaySockets:
     def close(self, address: Address) -> None:
         sock = self._sockets.pop(address)
         self._loop.remove_reader(sock.fileno())
+        _add_counters(self.closed, sock.counters)
         sock.close()
 
-    def send(self, source: Address, data: bytes, destination: Address) -> None:
-        sock = self._sockets.get(source)
-        if sock is None:
-            return
-        try:
-            sock.sendto(data, destination)
-        except OSError:
-            self.send_errors += 1
+    def get(self, address: Address) -> BatchSocket | None:
+        """The open socket on `address`."""
+        return self._sockets.get(address)
+
+    def counters(self) -> BatchCounters:
+        """Totals over every relayed socket, open or closed."""
+        total = BatchCounters()
+        _add_counters(total, self.closed)
+        for sock in self._sockets.values():
+            _add_counters(total, sock.counters)
+        return total
 
     def close_all(self) -> None:
         for address in list(self._sockets):
             self.close(address)
 
-    def _readable(self, address: Address, sock: socket.socket) -> None:
-        for _ in range(_READ_BATCH):
-            try:
-                data, source = sock.recvfrom(65536)
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError:
-                continue  # an ICMP error reported on this socket; read on
-            self._on_datagram(data, canonical(source), address)
-            if address not in self._sockets:
-                return  # the core closed it meanwhile
+    def _readable(self, address: Address, sock: BatchSocket) -> None:
+        reads = sock.read_batch(_READ_BATCH)
+        if reads:
+            self._on_reads(reads, address)
+
+
+def _add_counters(total: BatchCounters, more: BatchCounters) -> None:
+    for name in BatchCounters.__slots__:
+        setattr(total, name, getattr(total, name) + getattr(more, name))
 
 
 class _TcpClient(asyncio.Protocol):
@@ -168,10 +181,10 @@ class TurnService:
         """Frames dropped for TCP clients whose send buffer was full."""
         self._clock = clock
         self._loop = asyncio.get_running_loop()
-        self._udp: dict[Address, UdpSocket] = {}
+        self._udp: dict[Address, BatchSocket] = {}
         self._tcp_server: asyncio.Server | None = None
         self._connections: dict[FiveTuple, _TcpClient] = {}
-        self._relays = _RelaySockets(self._loop, self._datagram)
+        self._relays = _RelaySockets(self._loop, self._reads)
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
 
@@ -180,6 +193,26 @@ class TurnService:
         """The STUN/TURN listening addresses (real port numbers)."""
         assert self.stun is not None, "TurnService.start() has not finished"
         return self.stun.addresses
+
+    @property
+    def gro(self) -> bool:
+        """The kernel coalesces reads on the listening sockets (UDP GRO, Linux 5.0+)."""
+        return bool(self._udp) and all(sock.gro for sock in self._udp.values())
+
+    def io_samples(self) -> Samples:
+        """Prometheus samples of the UDP sockets (listening and relayed, totals)."""
+        total = self._relays.counters()
+        for sock in self._udp.values():
+            _add_counters(total, sock.counters)
+        return [
+            ("meshd_relay_socket_reads_total", {}, total.reads),
+            ("meshd_relay_socket_datagrams_total", {"direction": "read"}, total.datagrams_read),
+            ("meshd_relay_socket_datagrams_total", {"direction": "sent"}, total.datagrams_sent),
+            ("meshd_relay_gso_sends_total", {}, total.gso_sends),
+            ("meshd_relay_gso_refused_total", {}, total.gso_refused),
+            ("meshd_relay_send_errors_total", {}, total.send_errors),
+            ("meshd_relay_tcp_dropped_total", {}, self.tcp_dropped),
+        ]
 
     @classmethod
     async def start(
@@ -251,16 +284,15 @@ class TurnService:
                 raise BindError(f"cannot bind UDP {format_address((ip, 0))} (relay IP): "
                                 f"{exc.strerror or exc}", exc.errno) from None
 
-    async def _open(self, local: Address, *, picked: bool = False) -> UdpSocket:
+    async def _open(self, local: Address, *, picked: bool = False) -> BatchSocket:
         try:
-            sock = await open_udp(local,
-                                  lambda data, source: self._datagram(data, source, bound))
+            sock = BatchSocket.bind(local)
         except BindError as exc:
             if picked and exc.errno == errno.EADDRINUSE:
                 raise _PickAgain(str(exc), exc.errno) from None
             raise
-        bound = sock.address
-        self._udp[bound] = sock
+        self._udp[sock.address] = sock
+        self._loop.add_reader(sock.fileno(), self._listening_readable, sock)
         return sock
 
     async def _listen_tcp(self, address: Address, *, picked: bool) -> None:
@@ -277,10 +309,14 @@ class TurnService:
 
     # --- core calls -------------------------------------------------------------------------------
 
-    def _datagram(self, data: bytes, source: Address, local: Address) -> None:
-        if self.server is None:
-            return
-        self._emit(self.server.handle_datagram(data, source, local, self._clock()))
+    def _listening_readable(self, sock: BatchSocket) -> None:
+        reads = sock.read_batch(_READ_BATCH)
+        if reads:
+            self._reads(reads, sock.address)
+
+    def _reads(self, reads: list[Read], local: Address) -> None:
+        if self.server is not None:
+            self._emit(self.server.handle_reads(reads, local, self._clock()))
 
     def _stream(self, flow: FiveTuple, data: bytes) -> None:
         if self.server is not None:
@@ -300,12 +336,14 @@ class TurnService:
 
     def _emit(self, outputs: Iterable[Output]) -> None:
         for out in outputs:
-            if isinstance(out, Transmit):
-                listening = self._udp.get(out.source)
-                if listening is not None:
-                    listening.send(out.data, out.destination)
-                else:
-                    self._relays.send(out.source, out.data, out.destination)
+            if isinstance(out, TransmitBatch):
+                sock = self._udp.get(out.source) or self._relays.get(out.source)
+                if sock is not None:
+                    sock.send_segments(out.data, out.segment, out.destination)
+            elif isinstance(out, Transmit):
+                sock = self._udp.get(out.source) or self._relays.get(out.source)
+                if sock is not None:
+                    sock.send(out.data, out.destination)
             elif isinstance(out, StreamWrite):
                 connection = self._connections.get(out.flow)
                 if connection is not None:
@@ -341,6 +379,7 @@ class TurnService:
             self._tcp_server.close()
             self._tcp_server = None
         for sock in self._udp.values():
+            self._loop.remove_reader(sock.fileno())
             sock.close()
         self._udp.clear()
         self._relays.close_all()

@@ -4,8 +4,10 @@ kinds (firewall on), each with nodes running `meshd agent` with the tunnel enabl
 
 Test scaffolding for issue 5's acceptance, never product code.
 
-    sites = {"a": {"nat": "port-restricted", "nodes": ["n1"]}, ...}
-    with MeshLab.up(tmp_path, sites) as lab:
+    sites = {"a": {"nat": "port-restricted", "nodes": ["n1"]},
+             "cgn": {"nat": "port-restricted", "hairpin": True, "nodes": []},
+             "home": {"nat": "port-restricted", "behind": "cgn", "nodes": ["n2"]}, ...}
+    with MeshLab.up_sites(tmp_path, sites) as lab:
         lab.peer(node, other)        # the agent's /status row for `other`
 """
 
@@ -29,20 +31,37 @@ CONNECT_PORT = 40003
 
 def mesh_topology(name: str, sites: Mapping[str, Mapping[str, Any]],
                   pods: int) -> dict[str, Any]:
-    """`cloud` on the internet segment; one router per site (WAN on the internet), its LAN
-    holding the site's nodes; node k's pods are 10.244.k.0/24 (masqueraded out, like Docker)."""
+    """`cloud` on the internet segment; one router per site, its LAN holding the site's nodes;
+    node k's pods are 10.244.k.0/24 (masqueraded out, like Docker).
+
+    Site options: `nat` (a `netlab.nat` kind; `none` is a plain routed, public site),
+    `nodes` (may be empty: a pure outer router), `hairpin`, and `behind: SITE`, which puts the
+    router's WAN on that site's LAN instead of the internet (double NAT, carrier-grade NAT)."""
     segments: dict[str, Any] = {"inet": {"subnet": INTERNET}}
     routers: dict[str, Any] = {}
     hosts: dict[str, Any] = {"cloud": {"segment": "inet"}}
     k = 0
     for i, (site, spec) in enumerate(sites.items(), start=1):
+        outer = spec.get("behind")
+        if outer is not None and (outer not in sites or outer == site):
+            raise ValueError(f"sites.{site}.behind: {outer!r} is not another site")
         segments[site] = {"subnet": f"10.10.{i}.0/24"}
-        routers[f"r{site}"] = {"wan": "inet", "lan": [site], "nat": spec["nat"],
+        routers[f"r{site}"] = {"wan": outer or "inet", "lan": [site], "nat": spec["nat"],
                                "firewall": True, "hairpin": bool(spec.get("hairpin"))}
-        for node in spec["nodes"]:
+        for node in spec.get("nodes", []):
             k += 1
             hosts[node] = {"segment": site, "pods": pods, "podSubnet": f"10.244.{k}.0/24"}
     return {"name": name, "segments": segments, "routers": routers, "hosts": hosts}
+
+
+def site_chain(sites: Mapping[str, Mapping[str, Any]], site: str) -> list[str]:
+    """`site` and the sites it sits behind, innermost first."""
+    chain = [site]
+    while (outer := sites[chain[-1]].get("behind")) is not None:
+        if outer in chain:
+            raise ValueError(f"sites.{site}.behind: loop through {outer!r}")
+        chain.append(outer)
+    return chain
 
 
 class MeshLab(ServicePlane):
@@ -54,6 +73,12 @@ class MeshLab(ServicePlane):
         super().__init__(lab, tmp, node_labels, clients)
         self.meshd_server: subprocess.Popen[str] | None = None
         self.routers: dict[str, str] = {}
+        """Node -> the router of its site (the inner one behind double NAT)."""
+        self.sites: dict[str, dict[str, Any]] = {}
+        """The site specs `up_sites` built."""
+        self.stagger = False
+        """Start agents one at a time, each once the previous one serves (nodes joining a
+        running mesh), instead of all at once."""
         self.server_overrides: dict[str, dict[str, Any]] = {}
         """Merged into `meshd server`'s config, per section (e.g. {"control": {...}})."""
         self.agent_overrides: dict[str, dict[str, Any]] = {}
@@ -62,13 +87,17 @@ class MeshLab(ServicePlane):
     @classmethod
     @contextlib.contextmanager
     def up_sites(cls, tmp: Path, sites: Mapping[str, Mapping[str, Any]], *, pods: int = 3,
-                 clients: int = 2, name: str = "mesh") -> Iterator[MeshLab]:
+                 clients: int = 2, name: str = "mesh",
+                 stagger: bool = False) -> Iterator[MeshLab]:
         lab = Lab(Topology.from_dict(mesh_topology(name, sites, pods)))
         lab.build()
         nodes = {n: {"kubernetes.io/hostname": n} for spec in sites.values()
-                 for n in spec["nodes"]}
+                 for n in spec.get("nodes", [])}
         plane = cls(lab, tmp, nodes, clients)
-        plane.routers = {n: f"r{site}" for site, spec in sites.items() for n in spec["nodes"]}
+        plane.sites = {site: dict(spec) for site, spec in sites.items()}
+        plane.stagger = stagger
+        plane.routers = {n: f"r{site}" for site, spec in sites.items()
+                         for n in spec.get("nodes", [])}
         try:
             plane.start()
             yield plane
@@ -79,23 +108,39 @@ class MeshLab(ServicePlane):
         # Nodes route through their site routers (netlab sets the default routes).
         self.start_upstream_dns()
         self.start_api()
+        minting = {node: subprocess.Popen(  # at once: one interpreter start each
+            [sys.executable, "-m", "cloudcore", "--data-dir", str(self.data), "certs",
+             "node", node, "--out", str(self.tmp / node), "--server", self.api_url],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for node in self.nodes}
+        failed = {node: proc.communicate(timeout=60)[1] for node, proc in minting.items()}
+        failed = {node: err for node, err in failed.items() if minting[node].returncode != 0}
+        assert not failed, f"minting node certificates failed: {failed}"
         for node in self.nodes:
-            minted = subprocess.run(
-                [sys.executable, "-m", "cloudcore", "--data-dir", str(self.data), "certs",
-                 "node", node, "--out", str(self.tmp / node), "--server", self.api_url],
-                capture_output=True, text=True, timeout=30)
-            assert minted.returncode == 0, minted.stderr
             for slot in self.lab.pods(node):
                 from meshd.dns.resolvconf import pod_resolv_conf
                 self.write_etc(slot, "resolv.conf",
                                pod_resolv_conf("default", "cluster.local", "169.254.96.16"))
         self.start_meshd_server()
         self.start_kubelet()
-        if agents:
+        if agents and self.stagger:
+            for node in self.nodes:  # each joins a mesh whose other agents are up
+                self.start_agent(node)
+                self.wait_agent(node, timeout=60)
+        elif agents:
             for node in self.nodes:
                 self.start_agent(node)
             for node in self.nodes:
                 self.wait_agent(node, timeout=60)
+
+    def status(self, node: str, check: bool = True) -> dict[str, Any] | None:
+        """The agent's /status document (what `meshd status --json` prints), fetched with
+        curl: an interpreter start per poll is slow with many agents on a small machine."""
+        proc = self.lab.run(node, ["curl", "-sS", "--max-time", "5",
+                                   "http://127.0.0.1:40002/status"], check=check)
+        if proc.returncode != 0:
+            return None
+        doc: dict[str, Any] = json.loads(proc.stdout)
+        return doc
 
     def close(self) -> None:
         try:
@@ -158,6 +203,17 @@ class MeshLab(ServicePlane):
             "tunnel": {"enabled": True, "server": self.cloud_ip,
                        "connectPort": CONNECT_PORT, **self.agent_overrides.get(node, {})}}))
         return path
+
+    def public_address(self, node: str) -> str:
+        """The address the internet sees `node`'s traffic from: the WAN address of the
+        outermost NAT router on its way out, else its own address (a public site)."""
+        site = next(s for s, spec in self.sites.items() if node in spec.get("nodes", []))
+        nats = [s for s in site_chain(self.sites, site) if self.sites[s]["nat"] != "none"]
+        if not nats:
+            return self.lab.addr(node)
+        outermost = nats[-1]
+        return self.lab.addr_on(f"r{outermost}",
+                                self.sites[outermost].get("behind") or "inet")
 
     def tunnel(self, node: str) -> dict[str, Any]:
         status = self.status(node, check=False) or {}

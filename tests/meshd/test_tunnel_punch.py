@@ -350,6 +350,64 @@ def test_dead_path_falls_back_and_restarts_with_a_new_generation() -> None:
     assert pair.a.state is pair.b.state is State.DIRECT
 
 
+def test_time_to_direct_counts_from_both_descriptions_known() -> None:
+    """The figure starts when *this* side holds both candidate sets (its round start), not
+    when it gathered: a side whose peer description is late does not count the wait."""
+    pair = Pair()
+    pair.hold_for = pair.a  # b's description reaches a 3 s late
+    pair.start()
+    pair.run(3.0)
+    assert (pair.a.state, pair.b.state) == (State.IDLE, State.CHECKING)
+    pair.hold_for = None
+    for held in pair.held:
+        pair.a.set_remote_candidates(held.description, pair.net.now)
+    pair.run(4.0)
+    assert pair.a.state is pair.b.state is State.DIRECT
+    ttd_a, ttd_b = pair.a.metrics.time_to_direct_s, pair.b.metrics.time_to_direct_s
+    assert ttd_a is not None and ttd_a < 0.1
+    # b held both sets from 0 s; its round waited for a (controlling) to nominate.
+    assert ttd_b is not None and 3.0 <= ttd_b < 3.1
+    assert pair.a.metrics.time_to_relay_s is None
+
+
+def drive(m: PathMachine, now: float, until: Callable[[State], bool]) -> float:
+    """Serve `m`'s timers (nothing answers) until `until(m.state)`; the time it happened."""
+    for _ in range(10_000):
+        if until(m.state):
+            return now
+        m.datagrams_to_send(now)
+        timer = m.get_timer()
+        assert timer is not None
+        now = timer
+        m.handle_timer(now)
+    raise AssertionError("no progress")
+
+
+@pytest.mark.parametrize(("config", "low", "high"), [
+    (PunchConfig(), 5.0, 5.5),  # every check timed out (5 s) before the round timeout
+    (PunchConfig(round_timeout_s=2.0), 2.0, 2.0),  # the round timeout decides
+])
+def test_time_to_relay_counts_round_start_to_the_relay_decision(
+        config: PunchConfig, low: float, high: float) -> None:
+    m = PathMachine("node-a", "node-b", config=config, rng=random.Random(5))
+    relay = FakeRelay()
+    m.set_local_candidates([host_candidate(A_HOST),
+                            relay_candidate(relay.relayed_address, STUN)], 0.0, relay=relay)
+    m.set_remote_candidates(Description("peer", "q" * 22, 0, (
+        host_candidate(B_HOST), relay_candidate(("198.51.100.7", 50001), STUN))), 10.0)
+    # The peer is unreachable directly: the round (started at 10 s) ends relayed.
+    decided = drive(m, 10.0, lambda state: state is not State.CHECKING)
+    assert m.state is State.RELAYED and m.metrics.time_to_direct_s is None
+    ttr = m.metrics.time_to_relay_s
+    assert ttr is not None and low <= ttr <= high and ttr == pytest.approx(decided - 10.0)
+    # The controlling side's retry round (after ~2 s) ends relayed too: a fresh figure.
+    retry = drive(m, decided, lambda state: state is State.CHECKING)
+    assert 1.8 <= retry - decided <= 2.2
+    again = drive(m, retry, lambda state: state is not State.CHECKING)
+    assert m.metrics.time_to_relay_s == pytest.approx(again - retry)
+    assert low <= again - retry <= high
+
+
 def test_controlled_side_keeps_its_pair_when_the_restart_signal_comes_late() -> None:
     pair = Pair()
     pair.start()

@@ -391,6 +391,9 @@ def check_outcome(out: Outcome, expected: str, label: str, *,
         took = out.relayed_after()
         assert took is not None, f"{label}: relay never decided\n{out.trace()}"
         assert took <= 6.0, f"{label}: relay decided after {took:.3f} s"
+        for node in (a, b):  # what `meshd status` shows as timeToRelayS
+            ttr = node.machine.metrics.time_to_relay_s
+            assert ttr is not None and ttr <= 6.0, (label, ttr)
         assert a.first(State.DIRECT) is None and b.first(State.DIRECT) is None, label
         assert a.machine.current_path().kind is PathKind.RELAY, label
         assert b.machine.current_path().kind is PathKind.RELAY, label

@@ -22,6 +22,14 @@ from hypothesis import strategies as st
 from edgeweave.pki import CERT_VALIDITY, CertificateAuthority, node_identity
 from meshd.simnet import APDF, EIM, SimNat, SimNetwork
 from meshd.tunnel.identity import CAPeerVerifier, LocalIdentity, Peer
+from meshd.tunnel.offload import (
+    F_NEEDS_CSUM,
+    GSO_TCPV4,
+    PLAIN_HEADER,
+    VnetHeader,
+    encode_vnet_header,
+    to_packets,
+)
 from meshd.tunnel.session import (
     TRANSITIONS,
     DecryptedPackets,
@@ -35,7 +43,14 @@ from meshd.tunnel.session import (
     TunnelConfig,
     TunnelSession,
 )
-from meshd.tunnel.wire import TYPE_DATA, TYPE_INITIATION, TYPE_RESPONSE, OverlayAddress
+from meshd.tunnel.wire import (
+    FRAGMENT_HEADER,
+    TYPE_DATA,
+    TYPE_FRAGMENT,
+    TYPE_INITIATION,
+    TYPE_RESPONSE,
+    OverlayAddress,
+)
 from meshd.udp import Address, Transmit
 
 NOW = dt.datetime(2026, 3, 1, 12, 0, tzinfo=dt.UTC)
@@ -917,3 +932,186 @@ def test_handshake_messages_fit_the_smallest_path_mtu() -> None:
     (_, response), = w.sent_of("b", TYPE_RESPONSE)
     # IPv6 minimum MTU 1280 - 40 (IPv6) - 8 (UDP) - 36 (TURN ChannelData / Send overhead).
     assert len(initiation) < 1196 and len(response) < 1196
+
+
+# -- offload frames: 0xE4 fragments, capabilities, reassembly ----------------------------------
+# Frames are what a TUN device with IFF_VNET_HDR reads (meshd.tunnel.offload).
+
+MSS = 1328
+
+
+def tcp_super(payload: bytes) -> bytes:
+    """A TCP/IPv4 packet from edge-a to edge-b (checksums are redone by segmentation)."""
+    tcp = struct.pack("!HHIIBBHHH", 40000, 5201, 1000, 77, 5 << 4, 0x18, 512, 0, 0)
+    return struct.pack("!BBHHHBBH4s4s", 0x45, 0, 40 + len(payload), 1, 0x4000, 64, 6, 0,
+                       OVERLAY["edge-a"].packed, OVERLAY["edge-b"].packed) + tcp + payload
+
+
+def gso_frame(length: int, seed: int = 0) -> bytes:
+    """A TCP super-packet from edge-a to edge-b as a TUN device with TSO hands it over."""
+    payload = random.Random(seed).randbytes(length)
+    return encode_vnet_header(VnetHeader(F_NEEDS_CSUM, GSO_TCPV4, 40, MSS, 20, 16)) + \
+        tcp_super(payload)
+
+
+def send_frames(w: Wire, side: str, frames: list[bytes]) -> list[bytes]:
+    datagrams = w.sessions[side].encrypt_frames(frames, w.now)
+    for d in datagrams:
+        w.transmit(side, d)
+    w.drain()
+    return datagrams
+
+
+def test_capabilities_are_negotiated_in_the_handshake() -> None:
+    w = established()
+    assert w.a.stats().peer_fragments and w.b.stats().peer_fragments
+    old = established(TunnelConfig(fragments=False))
+    assert not old.a.stats().peer_fragments and not old.b.stats().peer_fragments
+    # One side without them (an older agent): neither sends fragments to the other.
+    mixed = Wire(session("edge-a", "edge-b", seed=1),
+                 session("edge-b", "edge-a", seed=2, config=TunnelConfig(fragments=False)))
+    mixed.send("a", [ip_packet(OVERLAY["edge-a"], OVERLAY["edge-b"], 0)])
+    mixed.run(1.0)
+    assert not mixed.a.stats().peer_fragments and not mixed.b.stats().peer_fragments
+
+
+def test_a_super_packet_is_one_message_in_fragments() -> None:
+    w = established()
+    w.b.frames_out = True
+    frame = gso_frame(0xFFFF - 40)
+    datagrams = send_frames(w, "a", [frame])
+    assert len(datagrams) == 47 and {d[0] for d in datagrams} == {TYPE_FRAGMENT}
+    assert {len(d) for d in datagrams[:-1]} == {1421}  # equal sizes: one UDP GSO run
+    assert len({d[1:13] for d in datagrams}) == 1  # one index and counter: one message
+    w.run(w.now + 1)
+    assert w.delivered["b"][-1] == frame  # the frame itself: the kernel segments it
+    stats = w.b.stats()
+    assert stats.messages_received == 1 and w.a.stats().messages_sent == 1
+    # A small frame is one fragment; a plain packet from the peer gets a plain header.
+    small = gso_frame(100)
+    assert len(send_frames(w, "a", [small])) == 1
+    w.send("a", [ip_packet(OVERLAY["edge-a"], OVERLAY["edge-b"], 5)])
+    w.run(w.now + 1)
+    assert w.delivered["b"][-2:] == [small, PLAIN_HEADER + ip_packet(OVERLAY["edge-a"],
+                                                                     OVERLAY["edge-b"], 5)]
+
+
+def test_a_plain_tun_gets_the_frame_segmented_with_checksums() -> None:
+    w = established()
+    frame = gso_frame(5000, seed=3)
+    send_frames(w, "a", [frame])
+    w.run(w.now + 1)
+    got = w.delivered["b"][-4:]
+    assert got == to_packets(frame)  # (test_tunnel_offload checks what to_packets makes)
+
+
+def test_an_old_peer_gets_complete_packets_as_data_datagrams() -> None:
+    w = Wire(session("edge-a", "edge-b", seed=1),
+             session("edge-b", "edge-a", seed=2, config=TunnelConfig(fragments=False)))
+    w.send("a", [ip_packet(OVERLAY["edge-a"], OVERLAY["edge-b"], 0)])
+    w.run(1.0)
+    frame = gso_frame(4000, seed=4)
+    datagrams = send_frames(w, "a", [frame])
+    assert [d[0] for d in datagrams] == [TYPE_DATA] * 4
+    w.run(w.now + 1)
+    assert w.delivered["b"][-4:] == to_packets(frame)
+    # Frames before any keys are queued as their packets and go out after the handshake.
+    fresh = Wire(session("edge-a", "edge-b", seed=1), session("edge-b", "edge-a", seed=2))
+    assert send_frames(fresh, "a", [frame]) == []
+    fresh.run(1.0)
+    assert fresh.delivered["b"] == to_packets(frame)
+
+
+def test_reordered_and_duplicated_fragments_deliver_once() -> None:
+    w = established()
+    w.b.frames_out = True
+    frames = [gso_frame(20_000, seed=i) for i in range(3)]
+    datagrams = w.a.encrypt_frames(frames, w.now)
+    mixed = datagrams + datagrams[:5]
+    random.Random(1).shuffle(mixed)
+    events = w.b.receive_batch(mixed, w.now)
+    delivered = [p for e in events if isinstance(e, DecryptedPackets) for p in e.packets]
+    assert sorted(delivered) == sorted(frames)
+    assert rejected_in(events) == {RejectReason.REPLAYED: 5}
+
+
+def test_lost_fragment_loses_the_message_and_expires() -> None:
+    config = TunnelConfig(reassembly_timeout=0.5, max_partial_messages=4)
+    w = established(config)
+    datagrams = w.a.encrypt_frames([gso_frame(10_000)], w.now)
+    assert not [e for e in w.b.receive_batch(datagrams[1:], w.now)
+                if isinstance(e, DecryptedPackets)]
+    w.b.handle_timer(w.now + 0.6)
+    assert w.b.stats().messages_incomplete == 1
+    # The late fragment starts a new partial message that never completes.
+    w.b.receive_batch(datagrams[:1], w.now + 0.7)
+    # More incomplete messages than the limit: the oldest go, memory stays bounded.
+    for i in range(10):
+        w.b.receive_batch(w.a.encrypt_frames([gso_frame(10_000, seed=i)], w.now)[1:], w.now)
+    assert w.b.partial_messages == 4
+    assert w.b.stats().messages_incomplete == 1 + 1 + 6
+
+
+def test_forged_and_inconsistent_fragments_are_dropped() -> None:
+    w = established()
+    w.b.frames_out = True
+    datagrams = w.a.encrypt_frames([gso_frame(3000)], w.now)
+    tampered = bytearray(datagrams[1])
+    tampered[-1] ^= 1
+    events = w.b.receive_batch([datagrams[0], bytes(tampered), datagrams[2]], w.now)
+    assert rejected_in(events) == {RejectReason.AUTH_FAILED: 1}
+    again = w.a.encrypt_frames([gso_frame(3000)], w.now)
+    recount = bytearray(again[1])
+    recount[14] = 4  # "of 4" where the first said "of 3"
+    bad_index = bytearray(again[2])
+    bad_index[13] = 3  # part 3 of 3
+    events = w.b.receive_batch([again[0], bytes(recount), bytes(bad_index)], w.now)
+    assert rejected_in(events) == {RejectReason.MALFORMED: 2}
+
+
+def test_frames_from_the_peer_are_checked() -> None:
+    w = established()
+    w.b.frames_out = True
+    spoofed = bytearray(gso_frame(100))
+    spoofed[10 + 12:10 + 16] = OVERLAY["edge-c"].packed
+    bad_header = encode_vnet_header(VnetHeader(F_NEEDS_CSUM, GSO_TCPV4, 0, 0, 20, 16)) + \
+        tcp_super(b"x")
+    events = w.b.receive_batch(w.a.encrypt_frames([bytes(spoofed), bad_header], w.now), w.now)
+    assert rejected_in(events) == {RejectReason.SPOOFED_SOURCE: 1, RejectReason.MALFORMED: 1}
+
+
+@given(st.lists(st.tuples(st.integers(0, 40), st.integers(0, 70), st.integers(0, 70),
+                          st.binary(max_size=3000)), max_size=80),
+       st.integers(0, 2**32))
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+def test_garbage_fragments_never_raise_and_stay_bounded(
+    fragments: list[tuple[int, int, int, bytes]], seed: int,
+) -> None:
+    w = FUZZ_PAIR
+    index = FUZZ_INDEX
+    rng = random.Random(seed)
+    datagrams = [FRAGMENT_HEADER.pack(TYPE_FRAGMENT, index if rng.random() < 0.9 else seed,
+                                      10**6 + counter, part, count) + body
+                 for counter, part, count, body in fragments]
+    datagrams += [d[:rng.randrange(len(d) + 1)] for d in datagrams[:5]]
+    events = w.b.receive_batch(datagrams, w.now)
+    assert not [e for e in events if isinstance(e, DecryptedPackets)]
+    assert w.b.partial_messages <= w.b.config.max_partial_messages
+
+
+def _fuzz_pair() -> tuple[Wire, int]:
+    w = established()
+    [fragment] = w.a.encrypt_frames([gso_frame(10)], w.now)
+    index: int = struct.unpack_from("!I", fragment, 1)[0]
+    return w, index
+
+
+FUZZ_PAIR, FUZZ_INDEX = _fuzz_pair()
+
+
+def rejected_in(events: list[Event]) -> dict[RejectReason, int]:
+    out: dict[RejectReason, int] = {}
+    for e in events:
+        if isinstance(e, Rejected):
+            out[e.reason] = out.get(e.reason, 0) + e.count
+    return out

@@ -12,11 +12,16 @@ from hypothesis import strategies as st
 
 from meshd.tunnel.noise import MESSAGE1_OVERHEAD, MESSAGE2_OVERHEAD
 from meshd.tunnel.wire import (
+    CAP_FRAGMENTS,
     DATA_OVERHEAD,
     FIRST_BYTE_RANGE,
+    FRAGMENT_HEADER,
+    FRAGMENT_PART,
+    MAX_FRAGMENTS,
     MIN_INITIATION,
     MIN_RESPONSE,
     DataHeader,
+    FragmentHeader,
     HandshakePayload,
     Initiation,
     MessageType,
@@ -24,14 +29,18 @@ from meshd.tunnel.wire import (
     TunnelParseError,
     data_ciphertext,
     encode_data,
+    encode_fragments,
     encode_initiation,
     encode_payload,
     encode_response,
     message_type,
     parse_data_header,
+    parse_fragment_header,
     parse_initiation,
     parse_payload,
     parse_response,
+    stamp_capabilities,
+    timestamp_capabilities,
 )
 
 V4 = ipaddress.IPv4Address("100.64.0.7")
@@ -160,3 +169,72 @@ def test_payload_round_trip(
 ) -> None:
     payload = HandshakePayload(overlay, ts, cert, sig)
     assert parse_payload(encode_payload(payload)) == payload
+
+
+# -- 0xE4 fragments and capability bits ----------------------------------------------------------
+
+
+def test_fragment_layout_and_round_trip() -> None:
+    sealed = bytes(range(256)) * 20  # 5120 bytes
+    frags = encode_fragments(0x01020304, 0x0A0B0C0D0E0F1011, sealed, part=2000)
+    assert [len(f) for f in frags] == [2015, 2015, 1135]
+    assert frags[1][:15] == bytes.fromhex("e4" "01020304" "0a0b0c0d0e0f1011" "01" "03")
+    assert FRAGMENT_HEADER.size == 15
+    assert b"".join(f[15:] for f in frags) == sealed
+    assert parse_fragment_header(frags[2]) == FragmentHeader(0x01020304, 0x0A0B0C0D0E0F1011,
+                                                             2, 3)
+    # A whole 1380-byte packet with its offload header is one 1421-byte datagram.
+    [one] = encode_fragments(1, 2, bytes(1380 + 10 + 16))
+    assert len(one) == 1421 and FRAGMENT_PART == 1406
+    # 64 KB frames take 47 fragments: within one GSO send's 64 segments.
+    assert len(encode_fragments(1, 2, bytes(0xFFFF + 10 + 16))) == 47
+    with pytest.raises(ValueError):
+        encode_fragments(1, 2, bytes(0xFFFF + 10 + 17))
+    with pytest.raises(ValueError):
+        encode_fragments(1, 2, bytes(10_000), part=100)  # 100 fragments
+    with pytest.raises(ValueError):
+        encode_fragments(2**32, 2, bytes(100))
+    with pytest.raises(ValueError):
+        encode_fragments(1, 2, bytes(100), part=0)
+
+
+@pytest.mark.parametrize("data", [
+    b"", b"\xe4", bytes.fromhex("e4" "00000001" "0000000000000002" "00" "01"),  # no part
+    bytes.fromhex("e4" "00000001" "0000000000000002" "01" "01" "ff"),  # index 1 of 1
+    bytes.fromhex("e4" "00000001" "0000000000000002" "00" "00" "ff"),  # count 0
+    bytes.fromhex("e4" "00000001" "0000000000000002" "00" "41" "ff"),  # count 65
+    bytes.fromhex("e3" "00000001" "0000000000000002" "00" "01" "ff"),  # not 0xE4
+])
+def test_bad_fragments_are_parse_errors(data: bytes) -> None:
+    with pytest.raises(TunnelParseError):
+        parse_fragment_header(data)
+
+
+@given(st.binary(max_size=64))
+@settings(max_examples=500)
+def test_fragment_garbage_parses_or_raises_parse_error(data: bytes) -> None:
+    for candidate in (data, b"\xe4" + data):
+        try:
+            header = parse_fragment_header(candidate)
+        except TunnelParseError:
+            continue
+        assert header.index < header.count <= MAX_FRAGMENTS
+
+
+def test_capabilities_ride_in_the_timestamp_low_byte() -> None:
+    wall = 1_772_366_400_123_456_789
+    first = stamp_capabilities(wall, 0, CAP_FRAGMENTS)
+    assert first & 0xFF == 0x81 and first >> 8 == wall >> 8
+    assert timestamp_capabilities(first) == CAP_FRAGMENTS
+    # Strictly increasing even when the clock stands still or goes back.
+    second = stamp_capabilities(wall, first, CAP_FRAGMENTS)
+    assert second > first and timestamp_capabilities(second) == CAP_FRAGMENTS
+    assert stamp_capabilities(wall - 10**9, second, 0) > second
+    # Without capabilities the low byte stays 0, like older agents' float-derived clocks.
+    plain = stamp_capabilities(wall, 0, 0)
+    assert plain & 0xFF == 0 and timestamp_capabilities(plain) == 0
+    old_agent = int(1_772_366_400.123456 * 1e9)  # what agents before this did
+    assert old_agent & 0xFF == 0 and timestamp_capabilities(old_agent) == 0
+    assert timestamp_capabilities(old_agent + 1) == 0  # their +1 for same-ns handshakes
+    with pytest.raises(ValueError):
+        stamp_capabilities(wall, 0, 0x80)

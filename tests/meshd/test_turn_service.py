@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
+import os
 import socket
 import time
 import urllib.request
@@ -22,18 +24,21 @@ from meshd.stun.codec import (
     parse_message,
 )
 from meshd.turn.client import (
+    Allocated,
     AllocationClosed,
     ChannelBound,
     DataReceived,
     PermissionCreated,
+    TurnClient,
     TurnClientConfig,
     TurnEvent,
 )
 from meshd.turn.credentials import mint_credentials
 from meshd.turn.endpoint import TurnEndpoint, TurnEndpointError
+from meshd.turn.framing import encode_channel_data
 from meshd.turn.server import Transport, TurnServerConfig
 from meshd.turn.service import TurnService, start_metrics
-from meshd.udp import Address, BindError
+from meshd.udp import Address, BatchSocket, BindError, canonical
 
 SECRET = b"service-secret"
 CONFIG = TurnServerConfig(realm="edgeweave", secrets=(SECRET,), relay_ip="127.0.0.1",
@@ -108,6 +113,93 @@ def test_relay_round_trip(transport: Transport) -> None:
             service.close()
 
     run(main)
+
+
+async def drive(client: TurnClient, sock: socket.socket, kind: type[TurnEvent]) -> TurnEvent:
+    """Run a `TurnClient` core on a plain non-blocking socket until it emits a `kind` event."""
+    loop = asyncio.get_running_loop()
+    while True:
+        for t in client.datagrams_to_send(time.time()):
+            sock.sendto(t.data, t.destination)
+        while (event := client.next_event()) is not None:
+            if isinstance(event, kind):
+                return event
+        data, source = await asyncio.wait_for(loop.sock_recvfrom(sock, 65536), 10)
+        client.handle_datagram(data, canonical(source), time.time())
+
+
+def test_bursts_are_relayed_with_gro_reads_and_gso_sends() -> None:
+    """Both directions of a channel, with bursts the kernel coalesces (UDP GSO on loopback
+    arrives as one GRO read): every datagram arrives, in order, and the server read and sent
+    them in batches."""
+    async def main() -> None:
+        service = await TurnService.start(CONFIG, primary_ip="127.0.0.1", port=0, alt_port=0,
+                                          tcp=False)
+        loop = asyncio.get_running_loop()
+        client_sock, peer = peer_socket(), peer_socket()
+        try:
+            server = ("127.0.0.1", service.addresses.port)
+            credentials = mint_credentials(SECRET, "node-a", time.time(), 600)
+            client = TurnClient(server, credentials, local=client_sock.getsockname())
+            client.allocate(time.time())
+            allocated = await drive(client, client_sock, Allocated)
+            assert isinstance(allocated, Allocated)
+            target: Address = peer.getsockname()
+            channel = client.bind_channel(target, time.time())
+            await drive(client, client_sock, ChannelBound)
+
+            payloads = [bytes([i]) * 1300 for i in range(20)] + [b"last"]
+            frames = b"".join(encode_channel_data(channel, p) for p in payloads)
+            BatchSocket(client_sock, client.local, gro=False).send_segments(frames, 1304, server)
+            for expected in payloads:
+                data, source = await asyncio.wait_for(loop.sock_recvfrom(peer, 65536), 10)
+                assert (data, source) == (expected, allocated.relayed)
+
+            replies = [bytes([i]) * 900 for i in range(30)]
+            BatchSocket(peer, target, gro=False).send_segments(b"".join(replies), 900,
+                                                               allocated.relayed)
+            for expected in replies:
+                data, _ = await asyncio.wait_for(loop.sock_recvfrom(client_sock, 65536), 10)
+                assert data == encode_channel_data(channel, expected)
+
+            core = service.server
+            assert core is not None
+            m = core.metrics
+            assert (m.datagrams_out, m.datagrams_in) == (21, 30)
+            if service.gro:  # Linux 5.0+: each burst was one read and left as one sendmsg
+                assert m.coalesced_reads >= 2 and m.batches >= 2
+        finally:
+            client_sock.close()
+            peer.close()
+            service.close()
+
+    run(main)
+
+
+class RefusingSocket:
+    """A socket whose kernel cannot segment (sendmsg with UDP_SEGMENT fails with `errno`)."""
+
+    def __init__(self, code: int) -> None:
+        self.code = code
+        self.sent: list[tuple[bytes, Address]] = []
+
+    def sendmsg(self, *args: object) -> int:
+        raise OSError(self.code, os.strerror(self.code))
+
+    def sendto(self, data: bytes, destination: Address) -> int:
+        self.sent.append((bytes(data), destination))
+        return len(data)
+
+
+@pytest.mark.parametrize(("code", "stays_on"), [(errno.EIO, True), (errno.EOPNOTSUPP, False)])
+def test_refused_segmented_sends_go_one_by_one(code: int, stays_on: bool) -> None:
+    fake = RefusingSocket(code)
+    sock = BatchSocket(fake, ("127.0.0.1", 1), gro=False)  # type: ignore[arg-type]
+    sock.send_segments(b"aaaabbbbcc", 4, ("127.0.0.1", 2))
+    assert fake.sent == [(b"aaaa", ("127.0.0.1", 2)), (b"bbbb", ("127.0.0.1", 2)),
+                         (b"cc", ("127.0.0.1", 2))]
+    assert sock.gso is stays_on  # EIO may be one route's device; EOPNOTSUPP is the kernel
+    assert (sock.counters.gso_refused, sock.counters.datagrams_sent) == (1, 3)
 
 
 def ask_binding(server: Address, *attributes: ChangeRequest) -> tuple[StunMessage, Address]:

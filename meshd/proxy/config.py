@@ -3,6 +3,7 @@
     proxy:
       port: 40001
       connectTimeoutS: 1.0
+      tunnelConnectTimeoutS: 3.0
       idleTimeoutS: 3600
       maxConnections: 16384
       maxConnectionsPerService: 4096
@@ -59,6 +60,9 @@ class ProxyConfig:
     127.0.0.1 from OUTPUT: keep the wildcard unless you know better)."""
     connect_timeout_s: float = 1.0
     """Seconds to wait for a backend to accept before trying the next candidate."""
+    tunnel_connect_timeout_s: float = 3.0
+    """The same for backends on other nodes reached through the tunnel (the owning agent
+    dials the pod under its own `connectTimeoutS`; a lost SYN costs TCP's 1 s RTO)."""
     idle_timeout_s: float = 3600.0
     """A TCP connection that moved no byte either way this long is closed."""
     max_connections: int = 16384
@@ -94,6 +98,7 @@ class ProxyConfig:
             raise ValueError(f"bindAddress: {self.bind_address!r} is not an IPv4 address") \
                 from None
         for name, value in (("connectTimeoutS", self.connect_timeout_s),
+                            ("tunnelConnectTimeoutS", self.tunnel_connect_timeout_s),
                             ("idleTimeoutS", self.idle_timeout_s),
                             ("sweepIntervalS", self.sweep_interval_s)):
             if value <= 0:

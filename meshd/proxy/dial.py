@@ -30,6 +30,11 @@ class Dialer(Protocol):
         """
         ...
 
+    def remote(self, endpoint: Endpoint) -> bool:
+        """Whether `dial` reaches `endpoint` through another node's agent over the tunnel (the
+        proxy then waits `tunnelConnectTimeoutS`, not `connectTimeoutS`)."""
+        ...
+
 
 class DirectDialer:
     """Connects to the endpoint's IP directly (TCP_NODELAY, non-blocking)."""
@@ -47,3 +52,6 @@ class DirectDialer:
             sock.close()
             raise
         return sock
+
+    def remote(self, endpoint: Endpoint) -> bool:
+        return False

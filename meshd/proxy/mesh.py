@@ -82,6 +82,12 @@ class MeshDialer:
             raise OSError(errno.EHOSTUNREACH, f"no mesh path to node {endpoint.node}")
         return await self._via(where, endpoint, port, service)
 
+    def remote(self, endpoint: Endpoint) -> bool:
+        node = endpoint.node
+        if node in (None, "", self.node) or node is None or self.peers is None:
+            return False
+        return self.peers.connect_address(node) is not None
+
     async def _via(self, where: Address, endpoint: Endpoint, port: int,
                    service: Service) -> socket.socket:
         loop = asyncio.get_running_loop()

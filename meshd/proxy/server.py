@@ -204,9 +204,13 @@ class Proxy:
                        port: ServicePort, candidates: list[Backend],
                        counters: ServiceCounters) -> None:
         loop = asyncio.get_running_loop()
-        timeout = self.config.connect_timeout_s
         try:
             for backend in candidates:
+                # Over the tunnel a lost SYN (a path being re-established) is only resent
+                # after TCP's 1 s initial RTO (RFC 6298 §2): allow for one retransmission.
+                timeout = (self.config.tunnel_connect_timeout_s
+                           if self._dialer.remote(backend.endpoint)
+                           else self.config.connect_timeout_s)
                 try:
                     async with asyncio.timeout(timeout):
                         upstream = await self._dialer.dial(backend.endpoint, backend.port,

@@ -12,6 +12,7 @@ import contextlib
 import errno
 import hashlib
 import socket
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from dataclasses import replace
 from typing import Any, TypeVar
@@ -308,22 +309,30 @@ def test_dead_backend_is_ejected_and_no_client_fails(loop: str) -> None:
     assert abs(seen[b"b0"] - seen[b"b1"]) <= 2
 
 
+class HangingDialer:
+    """Dials for real, except that endpoints on node n0 never answer; `tunneled` nodes are
+    reported as reached through the tunnel."""
+
+    def __init__(self, tunneled: tuple[str, ...] = ()) -> None:
+        self.calls: list[tuple[str | None, int]] = []
+        self.tunneled = tunneled
+
+    async def dial(self, endpoint: Endpoint, port: int, service: Service,
+                   now: float) -> socket.socket:
+        self.calls.append((endpoint.node, port))
+        if endpoint.node == "n0":
+            await asyncio.sleep(3600)
+        sock = socket.socket()
+        sock.setblocking(False)
+        await asyncio.get_running_loop().sock_connect(sock, (endpoint.ip, port))
+        return sock
+
+    def remote(self, endpoint: Endpoint) -> bool:
+        return endpoint.node in self.tunneled
+
+
 def test_connect_timeout_moves_to_next_candidate() -> None:
     """A dialer that never answers for one endpoint: the connect timeout ends the attempt."""
-
-    class HangingDialer:
-        def __init__(self) -> None:
-            self.calls: list[tuple[str | None, int]] = []
-
-        async def dial(self, endpoint: Endpoint, port: int, service: Service,
-                       now: float) -> socket.socket:
-            self.calls.append((endpoint.node, port))
-            if endpoint.node == "n0":
-                await asyncio.sleep(3600)
-            sock = socket.socket()
-            sock.setblocking(False)
-            await asyncio.get_running_loop().sock_connect(sock, (endpoint.ip, port))
-            return sock
 
     async def main() -> tuple[bytes, list[tuple[str | None, int]], int]:
         async with servers(whoami("live"), 2) as ports:
@@ -341,6 +350,29 @@ def test_connect_timeout_moves_to_next_candidate() -> None:
     assert name == b"live"
     assert [c[0] for c in calls] == ["n0", "n1"]  # the Endpoint (with its node) is passed
     assert ejections == 1
+
+
+@pytest.mark.parametrize("tunneled,low,high", [((), 0.15, 0.45), (("n0",), 0.55, 1.2)])
+def test_tunneled_backends_get_the_tunnel_connect_timeout(
+        tunneled: tuple[str, ...], low: float, high: float) -> None:
+    """A backend reached through the tunnel waits `tunnelConnectTimeoutS` (room for one SYN
+    retransmission), a local one `connectTimeoutS`."""
+
+    async def main() -> tuple[bytes, float]:
+        async with servers(whoami("live"), 2) as ports:
+            proxy = Proxy(config(connect_timeout_s=0.2, tunnel_connect_timeout_s=0.6),
+                          catalog(sorted(ports)), dialer=HangingDialer(tunneled),
+                          original_destination=OriginalDst())
+            async with running(proxy):
+                started = time.monotonic()
+                reader, writer = await dial(proxy)
+                name = await reader.read(-1)
+                writer.close()
+                return name, time.monotonic() - started
+
+    name, waited = run(main())
+    assert name == b"live"
+    assert low <= waited <= high, waited
 
 
 # -- resets --------------------------------------------------------------------------------
@@ -511,6 +543,9 @@ def test_a_dialer_bug_counts_as_a_failed_dial() -> None:
         async def dial(self, endpoint: Endpoint, port: int, service: Service,
                        now: float) -> socket.socket:
             raise RuntimeError("bug")
+
+        def remote(self, endpoint: Endpoint) -> bool:
+            return False
 
     async def main() -> tuple[bool, int, int]:
         async with servers(echo, 1) as ports:

@@ -23,8 +23,8 @@ def pair(link: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def ping(lab: Lab, count: int, interval: float) -> tuple[float, float, float]:
-    """(loss fraction, average RTT ms, mdev ms) of `count` pings from a to b."""
+def ping(lab: Lab, count: int, interval: float) -> tuple[float, float, float, float]:
+    """(loss fraction, average RTT ms, mdev ms, minimum RTT ms) of `count` pings from a to b."""
     # Resolve ARP first, so that the figures are about ICMP: on a lossy link the ARP exchange
     # itself can fail several times in a row, and pings queued behind it are all lost.
     for _ in range(30):
@@ -36,24 +36,28 @@ def ping(lab: Lab, count: int, interval: float) -> tuple[float, float, float]:
                         lab.addr("b")], check=False, timeout=120).stdout
     loss = float(re.search(r"([\d.]+)% packet loss", out).group(1)) / 100  # type: ignore[union-attr]
     stats = re.search(r"= ([\d.]+)/([\d.]+)/([\d.]+)/([\d.]+) ms", out)
-    avg, mdev = (float(stats.group(2)), float(stats.group(4))) if stats else (0.0, 0.0)
-    return loss, avg, mdev
+    low, avg, mdev = ((float(stats.group(1)), float(stats.group(2)), float(stats.group(4)))
+                      if stats else (0.0, 0.0, 0.0))
+    return loss, avg, mdev, low
 
 
 @pytest.mark.parametrize("delay_ms", [5, 25])
 def test_delay_accuracy(make_lab: Callable[[Any], Lab], delay_ms: int) -> None:
     lab = make_lab(pair({"delayMs": delay_ms}))
-    loss, avg, mdev = ping(lab, 40, 0.05)
+    loss, avg, mdev, low = ping(lab, 40, 0.05)
     expected = 2 * delay_ms  # the link is crossed once each way
     print(f"delay {delay_ms} ms each way: RTT avg {avg:.2f} ms (expected {expected}), "
-          f"mdev {mdev:.2f} ms, error {avg - expected:+.2f} ms")
+          f"min {low:.2f} ms, mdev {mdev:.2f} ms, error {avg - expected:+.2f} ms")
     assert loss == 0
-    assert expected <= avg <= expected + 3.0
+    # The delay is a floor; what a busy machine adds on top is scheduling, not the link: the
+    # fastest round trip shows the link's own accuracy.
+    assert expected <= low <= expected + 1.5
+    assert avg <= expected + 10.0
 
 
 def test_loss_rate_matches(make_lab: Callable[[Any], Lab]) -> None:
     lab = make_lab(pair({"lossPercent": 20, "seed": 7}))
-    loss, _, _ = ping(lab, 400, 0.005)
+    loss, _, _, _ = ping(lab, 400, 0.005)
     expected = 1 - 0.8 * 0.8  # request and reply each cross the lossy link
     print(f"loss 20% per crossing: round-trip loss {loss:.3f} (expected {expected:.3f})")
     assert abs(loss - expected) < 0.08

@@ -84,7 +84,12 @@ class Direction:
             except BlockingIOError:
                 self.dropped += 1  # the receiving side is full: the link drops, as a wire would
             except OSError as exc:
-                if exc.errno in (errno.EIO, errno.EBADFD, errno.ENODEV):
+                if exc.errno == errno.EIO:
+                    # The receiving device is down (the lab sets the node side up after the
+                    # switch side): drop the frame, as a wire without carrier would.
+                    self.dropped += 1
+                    continue
+                if exc.errno in (errno.EBADFD, errno.ENODEV):
                     raise SystemExit(0) from None  # the device or its namespace is gone
                 raise
         return queue[0][0] if queue else None
@@ -103,7 +108,9 @@ def serve(a: int, b: int, delay: float, loss: float, seed: int) -> None:
             try:
                 dirs[key.fd].read(time.monotonic())
             except OSError as exc:
-                if exc.errno in (errno.EIO, errno.EBADFD, errno.ENODEV):
+                if exc.errno == errno.EIO:
+                    continue  # a device that is down has nothing to give
+                if exc.errno in (errno.EBADFD, errno.ENODEV):
                     return
                 raise
         now = time.monotonic()

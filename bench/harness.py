@@ -8,6 +8,7 @@ reported in `results` as `{"missing": "..."}`, never skipped silently.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import os
 import platform
@@ -22,11 +23,14 @@ Results = dict[str, dict[str, Any]]
 
 @dataclasses.dataclass(frozen=True)
 class Suite:
-    """One benchmark suite: `run(quick)` measures edgeweave and its peers in one run."""
+    """One benchmark suite: `run(quick, **options)` measures edgeweave and its peers in one
+    run; `options`, if any, adds the suite's own flags to a group and returns their `dest`
+    names (each defaulting to None), which `run` takes as keyword arguments."""
 
     name: str
     description: str
-    run: Callable[[bool], Results]
+    run: Callable[..., Results]
+    options: Callable[[argparse._ArgumentGroup], list[str]] | None = None
 
 
 def machine_line() -> str:

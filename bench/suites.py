@@ -14,5 +14,5 @@ SUITES: dict[str, Suite] = {
                    "throughput, sockperf TCP round trips", proxy.run),
     "tunnel": Suite("tunnel", "meshd tunnel (direct across NATs, relayed, routed) vs the plain "
                     "path and wireguard-go: iperf3, sockperf round trips, 4 MB transfers",
-                    tunnel.run),
+                    tunnel.run, tunnel.add_options),
 }

@@ -19,12 +19,23 @@ Systems, each a client node sending to a server node:
 Per system and round: iperf3 TCP throughput, sockperf TCP ping-pong round trips (p50/p99), and
 the time to move 4 MB over a fresh TCP connection (median of several). Systems alternate in a
 rotated order every round, because this shared 2-core machine drifts: compare ratios.
+
+By default every link is a veth (10-20 Gbit/s here). `--link-mbit N` and `--link-delay-ms D`
+shape every site router's WAN attachment like an edge uplink (netlab's `link:`): `tc tbf` at N
+Mbit/s on both ends (the site's upload and download), and D ms each way through netlab's
+userspace delay forwarder. Each system's path crosses exactly two such links (its client's and
+its server's site; the relay's `cloud` sits on the unshaped internet segment), so all five
+compare like with like, and a delayed path's round trip gains 4D. With a delay, each system's
+result carries `forwarder_cpu_pct`: the busiest forwarder's CPU during iperf3, in percent of
+one core, highest of the rounds (near 100 it, not the system, would be the bottleneck).
 """
 
 from __future__ import annotations
 
+import argparse
 import ipaddress
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -35,7 +46,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.harness import Results, have, log, missing
-from bench.proxy import PERCENTILE, need_root_and
+from bench.proxy import PERCENTILE, cpu_seconds, need_root_and
 from bench.wireguard import WireguardPair
 
 SITES = {
@@ -65,6 +76,52 @@ FULL = Params(rounds=5, bulk_s=5, rtt_s=3, moves=7)
 
 
 @dataclass(frozen=True)
+class Link:
+    """How every site router's WAN attachment is shaped; zeros leave it an unshaped veth."""
+
+    rate_mbit: float = 0.0  # tbf on both ends: upload and download, each way
+    delay_ms: float = 0.0  # each way, per link; a path crosses two links
+
+    @property
+    def shaped(self) -> bool:
+        return self.rate_mbit > 0 or self.delay_ms > 0
+
+    def spec(self) -> dict[str, float]:
+        """The netlab `link:` of a site router."""
+        return {"rateMbit": self.rate_mbit, "delayMs": self.delay_ms}
+
+    def result(self) -> dict[str, float]:
+        """The `link` entry of the report."""
+        return {"rate_mbit": self.rate_mbit, "delay_ms": self.delay_ms,
+                "rtt_added_ms": 4 * self.delay_ms}
+
+
+def _positive(text: str) -> float:
+    value = float(text)
+    if not 0 < value <= 100_000:
+        raise argparse.ArgumentTypeError(f"{text!r}: must be within 0 (exclusive)..100000")
+    return value
+
+
+def _delay(text: str) -> float:
+    value = float(text)
+    if not 0 <= value <= 1_000:
+        raise argparse.ArgumentTypeError(f"{text!r}: must be within 0..1000")
+    return value
+
+
+def add_options(group: argparse._ArgumentGroup) -> list[str]:
+    """The suite's own flags (see bench.harness.Suite)."""
+    group.add_argument("--link-mbit", type=_positive, metavar="N",
+                       help="shape every site's WAN link to N Mbit/s each way (tc tbf), like "
+                            "an edge uplink; default: unshaped veth")
+    group.add_argument("--link-delay-ms", type=_delay, metavar="D",
+                       help="add D ms each way on every site's WAN link (netlab's userspace "
+                            "forwarder); a path crosses two links, so its RTT gains 4D")
+    return ["link_mbit", "link_delay_ms"]
+
+
+@dataclass(frozen=True)
 class Path_:
     """One system: traffic from `client` to `address` (where `server` listens)."""
 
@@ -80,13 +137,17 @@ class Samples:
     rtt_p50_us: list[float] = field(default_factory=list)
     rtt_p99_us: list[float] = field(default_factory=list)
     move_ms: list[float] = field(default_factory=list)
+    forwarder_cpu_pct: list[float] = field(default_factory=list)
 
     def result(self) -> dict[str, Any]:
-        return {"throughput_mbps": round(statistics.median(self.throughput_mbps), 1),
-                "rtt_p50_us": round(statistics.median(self.rtt_p50_us), 1),
-                "rtt_p99_us": round(statistics.median(self.rtt_p99_us), 1),
-                "move_4mb_ms": round(statistics.median(self.move_ms), 1),
-                "rounds": len(self.throughput_mbps)}
+        out = {"throughput_mbps": round(statistics.median(self.throughput_mbps), 1),
+               "rtt_p50_us": round(statistics.median(self.rtt_p50_us), 1),
+               "rtt_p99_us": round(statistics.median(self.rtt_p99_us), 1),
+               "move_4mb_ms": round(statistics.median(self.move_ms), 1),
+               "rounds": len(self.throughput_mbps)}
+        if self.forwarder_cpu_pct:
+            out["forwarder_cpu_pct"] = round(max(self.forwarder_cpu_pct), 1)
+        return out
 
 
 BULK_SERVER = r"""
@@ -119,6 +180,27 @@ for _ in range(int(sys.argv[3])):
     assert got == int(sys.argv[4]), got
 print(json.dumps(out))
 """
+
+
+def forwarders() -> list[int]:
+    """Pids of this process's `netlab.delaylink` children: the delayed links' forwarders."""
+    me, pids = os.getpid(), []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
+        except OSError:
+            continue  # gone meanwhile
+        if int(stat.rsplit(")", 1)[1].split()[1]) == me and b"netlab.delaylink" in cmdline:
+            pids.append(int(entry))
+    return pids
+
+
+def busiest(pids: list[int], before: dict[int, float], wall_s: float) -> float:
+    """The highest CPU use among `pids` since `before`, in percent of one core."""
+    return max((100 * (cpu_seconds(pid) - before[pid]) / wall_s for pid in pids), default=0.0)
 
 
 def iperf(lab: Any, path: Path_, seconds: int) -> float:
@@ -177,7 +259,9 @@ def start_servers(plane: Any, node: str, tmp: Path) -> list[subprocess.Popen[Any
     return procs
 
 
-def measure(plane: Any, paths: dict[str, Path_], params: Params) -> dict[str, Samples]:
+def measure(plane: Any, paths: dict[str, Path_], params: Params,
+            watch: list[int]) -> dict[str, Samples]:
+    """`watch`: the delay forwarders, whose CPU use is sampled during each iperf3 run."""
     samples = {name: Samples() for name in paths}
     names = list(paths)
     for r in range(params.rounds):
@@ -189,22 +273,26 @@ def measure(plane: Any, paths: dict[str, Path_], params: Params) -> dict[str, Sa
                 if now != path.expect:
                     raise RuntimeError(f"{name}: {path.client} -> {path.server} is on {now}, "
                                        f"not {path.expect}")
+            before, t0 = {pid: cpu_seconds(pid) for pid in watch}, time.monotonic()
             mbps = iperf(plane.lab, path, params.bulk_s)
+            s = samples[name]
+            if watch:
+                s.forwarder_cpu_pct.append(busiest(watch, before, time.monotonic() - t0))
             p50, p99 = sockperf(plane.lab, path, params.rtt_s)
             moves = move(plane.lab, path, params.moves)
-            s = samples[name]
             s.throughput_mbps.append(mbps)
             s.rtt_p50_us.append(p50)
             s.rtt_p99_us.append(p99)
             s.move_ms.extend(moves)
+            cpu = f", forwarder CPU {s.forwarder_cpu_pct[-1]:.0f} %" if watch else ""
             log(f"round {r + 1}/{params.rounds} {name}: {mbps:.0f} Mbit/s, rtt p50 {p50:.0f} µs "
-                f"p99 {p99:.0f} µs, 4 MB in {statistics.median(moves):.1f} ms")
+                f"p99 {p99:.0f} µs, 4 MB in {statistics.median(moves):.1f} ms{cpu}")
     return samples
 
 
 def ratios(results: Results) -> dict[str, Any]:
     """The issue's targets: (b) ≥ 1.5x (d) throughput with p50 ≤ (d)'s; (c) ≥ 0.5x (b);
-    4 MB through (b) ≤ 1.5x the time of (a)."""
+    4 MB through (b) ≤ 1.5x the time of (a). Also every system's 4 MB time over plain's."""
     out: dict[str, Any] = {}
     b, c = results.get("edgeweave", {}), results.get("edgeweave_relay", {})
     a, d = results.get("plain", {}), results.get("wireguard_go", {})
@@ -220,7 +308,12 @@ def ratios(results: Results) -> dict[str, Any]:
     if "throughput_mbps" in routed and "throughput_mbps" in d:
         out["throughput_edgeweave_routed_to_wireguard_go"] = round(
             routed["throughput_mbps"] / d["throughput_mbps"], 2)
-    if len(out) >= 4:
+    for name in ("wireguard_go", "edgeweave_routed", "edgeweave_relay"):
+        got = results.get(name, {})
+        if "move_4mb_ms" in got and "move_4mb_ms" in a:
+            out[f"move_4mb_{name}_to_plain"] = round(got["move_4mb_ms"] / a["move_4mb_ms"], 2)
+    if {"throughput_edgeweave_to_wireguard_go", "throughput_relay_to_direct",
+            "move_4mb_edgeweave_to_plain"} <= out.keys():
         out["targets"] = {
             "direct_ge_1_5x_wireguard_go": out["throughput_edgeweave_to_wireguard_go"] >= 1.5,
             "direct_p50_le_wireguard_go": out["rtt_p50_edgeweave_to_wireguard_go"] <= 1.0,
@@ -230,16 +323,24 @@ def ratios(results: Results) -> dict[str, Any]:
     return out
 
 
-def run(quick: bool) -> Results:
-    """Build the lab, bring up the mesh and wireguard-go, measure alternately, tear down."""
+def run(quick: bool, link_mbit: float | None = None,
+        link_delay_ms: float | None = None) -> Results:
+    """Build the lab (site WAN links shaped if asked), bring up the mesh and wireguard-go,
+    measure alternately, tear down."""
     need_root_and({"iperf3": "iperf3", "sockperf": "sockperf"}, "tunnel")
     from netlab.meshlab import MeshLab  # the lab library needs the dev extras
 
     params = QUICK if quick else FULL
+    link = Link(link_mbit or 0.0, link_delay_ms or 0.0)
+    sites = {site: {**spec, "link": link.spec()} if link.shaped else spec
+             for site, spec in SITES.items()}
     results: Results = {}
+    if link.shaped:
+        log(f"site WAN links shaped: {link.rate_mbit or 'unlimited'} Mbit/s, "
+            f"{link.delay_ms} ms each way")
     with tempfile.TemporaryDirectory(prefix="bench-tunnel-") as tmp_name:
         tmp = Path(tmp_name)
-        with MeshLab.up_sites(tmp, SITES, pods=1, clients=1, name="btun") as plane:
+        with MeshLab.up_sites(tmp, sites, pods=1, clients=1, name="btun") as plane:
             lab = plane.lab
             wg: WireguardPair | None = None
             started: list[subprocess.Popen[Any]] = []
@@ -267,7 +368,11 @@ def run(quick: bool) -> Results:
                                                timeout=30)
                         log(f"{name}: {path.client} -> {path.server} {path.expect} "
                             f"after {took:.1f} s")
-                samples = measure(plane, paths, params)
+                watch = forwarders() if link.delay_ms > 0 else []
+                if link.delay_ms > 0 and len(watch) != len(SITES):
+                    raise RuntimeError(f"expected {len(SITES)} delay forwarders (one per site "
+                                       f"WAN link), found {len(watch)}")
+                samples = measure(plane, paths, params, watch)
                 results.update({name: s.result() for name, s in samples.items()})
             finally:
                 if wg is not None:
@@ -276,5 +381,7 @@ def run(quick: bool) -> Results:
                     if proc.poll() is None:
                         proc.kill()
                         proc.wait()
+    if link.shaped:
+        results["link"] = link.result()
     results["ratios"] = ratios(results)
     return results

@@ -1,8 +1,9 @@
 """Debian's wireguard-go between two lab hosts: the tunnel an operator would otherwise install.
 
 `WireguardPair.up(lab, a, b, tmp)` starts `wireguard-go` in each host's namespace (userspace,
-like our agent) on interfaces `wgew0` and `wgew1` (distinct names: wireguard-go's control
-socket, /var/run/wireguard/NAME.sock, is not per namespace), configures them with `wg`
+like our agent) on interfaces `wg<pid>n0` and `wg<pid>n1` (names distinct per host and per
+bench process: wireguard-go's control socket, /var/run/wireguard/NAME.sock, is not per
+namespace, and two benches at once must not take each other's), configures them with `wg`
 (wireguard-tools): fresh keys, each host's lab address as the other's endpoint, a keepalive;
 addresses 10.99.0.1/24 and 10.99.0.2/24. `close()` stops both processes (by pid); the
 interfaces go with them.
@@ -80,7 +81,7 @@ class WireguardPair:
 
     def interface(self, host: str) -> str:
         """The WireGuard interface on `host`."""
-        return f"wgew{self.hosts.index(host)}"
+        return f"wg{os.getpid()}n{self.hosts.index(host)}"  # at most 11 of IFNAMSIZ's 15
 
     def address(self, host: str) -> str:
         """The tunnel address of `host`."""

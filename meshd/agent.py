@@ -79,7 +79,8 @@ class _TunnelPeers:
 
 
 async def start_tunnel(config: AgentConfig, tunnel: TunnelConfig) -> TunnelService:
-    """Dial `meshd server` and open the tunnel socket (mesh0 follows the welcome)."""
+    """Dial `meshd server`, open the tunnel socket (mesh0 follows the welcome) and start the
+    background NAT classification (published over the control channel)."""
     kubeconfig = tunnel.kubeconfig or config.kubeconfig
     if kubeconfig is None:
         raise AgentError("tunnel: needs a node kubeconfig (tunnel.kubeconfig or "
@@ -93,9 +94,11 @@ async def start_tunnel(config: AgentConfig, tunnel: TunnelConfig) -> TunnelServi
                               interface=tunnel.interface, mtu=tunnel.mtu,
                               listen_port=tunnel.listen_port, mesh=mesh)
     try:
-        return await TunnelService.start(settings)
+        service = await TunnelService.start(settings)
     except (TunnelError, OSError) as exc:
         raise AgentError(str(exc)) from None
+    service.start_nat_probe()  # in the background: the tunnel does not wait for it
+    return service
 
 
 @contextlib.asynccontextmanager

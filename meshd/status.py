@@ -66,18 +66,29 @@ def render_peers(tunnel: dict[str, Any]) -> list[str]:
     """The tunnel part of `meshd status`: a header line and one row per peer."""
     head = (f"tunnel {tunnel.get('interface') or '(down)'} {tunnel.get('overlay') or '-'}, "
             f"socket {tunnel.get('local')}, relay {tunnel.get('relayed') or '-'}, "
-            f"control {tunnel.get('control')}")
-    rows = [("PEER", "OVERLAY", "PATH", "ENDPOINT", "RTT", "BYTES IN/OUT", "LAST HANDSHAKE")]
+            f"control {tunnel.get('control')}, NAT {_nat_text(tunnel.get('nat'))}")
+    rows = [("PEER", "OVERLAY", "NAT", "PATH", "ENDPOINT", "RTT", "BYTES IN/OUT",
+             "LAST HANDSHAKE")]
     for p in tunnel.get("peers", []):
         rtt = "-" if p.get("rttMs") is None else f"{p['rttMs']:.1f} ms"
         last = p.get("lastHandshake")
         ago = "-" if last is None else f"{max(0.0, time.time() - last):.0f} s ago"
         path = p["path"] + ("" if p.get("online", True) else " (offline)")
-        rows.append((p["node"], p["overlay"], path, p.get("endpoint") or "-", rtt,
+        rows.append((p["node"], p["overlay"], p.get("nat") or "unknown", path,
+                     p.get("endpoint") or "-", rtt,
                      f"{p['bytesIn']}/{p['bytesOut']}", ago))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return [head] + ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
                      for r in rows]
+
+
+def _nat_text(nat: Any) -> str:
+    """`port-restricted (endpoint-independent mapping, address-and-port-dependent filtering)`;
+    `not classified yet` before the first netcheck finished."""
+    if not isinstance(nat, dict) or not nat.get("natType"):
+        return "not classified yet"
+    known = [f"{nat[k]} {k}" for k in ("mapping", "filtering") if nat.get(k)]
+    return str(nat["natType"]) + (f" ({', '.join(known)})" if known else "")
 
 
 def prometheus_samples(samples: Sequence[tuple[str, dict[str, str], float]]) -> str:

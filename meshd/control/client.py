@@ -29,6 +29,12 @@ stayed up for `stable_after_s`.
 The peer table (`peers`) is kept while disconnected (tunnels keep flowing without the server)
 and replaced by the server's full list after the next welcome. `PeerLeft` keeps the entry,
 offline.
+
+Versions: the hello says `config.version` (the newest); a server that refuses it with
+`unsupported-version` (a version 1 server refuses anything but 1) gets a hello of
+`MIN_PROTOCOL_VERSION` on the next attempt, until a session ends (a restarted server may be
+newer). `report_nat` sends a `nat` message in a session of version 2 or later; otherwise the
+NAT waits for the next hello, which always carries the latest one.
 """
 
 from __future__ import annotations
@@ -46,12 +52,16 @@ from edgeweave import __version__
 from edgeweave.log import event
 from meshd.control.wire import (
     MAX_FRAME,
+    MIN_PROTOCOL_VERSION,
+    NAT_VERSION,
+    PROTOCOL_VERSION,
     ControlProtocolError,
     Credentials,
     Error,
     FrameDecoder,
     Hello,
     Message,
+    Nat,
     NatSummary,
     PeerInfo,
     PeerJoined,
@@ -102,9 +112,13 @@ class ControlClientConfig:
     """For the adapter: TCP connect plus TLS handshake."""
     max_frame: int = MAX_FRAME
     """Largest frame body accepted from the server."""
+    version: int = PROTOCOL_VERSION
+    """Protocol version said in the hello (older ones: tests of mixed fleets)."""
 
     def __post_init__(self) -> None:
         Hello(self.static_key)  # checks the key
+        if not MIN_PROTOCOL_VERSION <= self.version <= PROTOCOL_VERSION:
+            raise ValueError(f"version must be in {MIN_PROTOCOL_VERSION}..{PROTOCOL_VERSION}")
         if not 0 < self.first_retry_s <= self.max_retry_s or self.retry_factor < 1:
             raise ValueError("need 0 < firstRetryS <= maxRetryS and retryFactor >= 1")
         if not 0 <= self.jitter < 1:
@@ -287,6 +301,11 @@ class ControlClient:
         """Ping interval (the server's, from the welcome)."""
         self.idle_timeout_s = 15.0
         """Silence after which the server counts as gone (the server's, from the welcome)."""
+        self.version: int | None = None
+        """Protocol version of the current (or last) session, from its welcome."""
+        self._hello_version = config.version
+        self._nat = config.nat
+        self._nat_told: NatSummary | None = None  # what the current session's server has
         self._rng = rng or random.Random()
         self._peers: dict[str, PeerInfo] = {}
         self._commands: list[Command] = []
@@ -308,6 +327,25 @@ class ControlClient:
     def ready(self) -> bool:
         """A session is up: signals can be sent."""
         return self.state is ClientState.READY
+
+    @property
+    def nat(self) -> NatSummary | None:
+        """This node's NAT as last reported (config, then `report_nat`)."""
+        return self._nat
+
+    def report_nat(self, nat: NatSummary, now: float) -> None:
+        """This node's NAT was (re)classified: tell the server now when the session allows it
+        (version 2), else in the next hello. A repeat of the last report sends nothing."""
+        self._nat = nat
+        self._tell_nat()
+
+    def _tell_nat(self) -> None:
+        nat = self._nat
+        if (nat is None or nat == self._nat_told or not self.ready or self.version is None
+                or self.version < NAT_VERSION):
+            return
+        self._send(Nat(nat))
+        self._nat_told = nat
 
     @property
     def peers(self) -> Mapping[str, PeerInfo]:
@@ -354,7 +392,8 @@ class ControlClient:
         self._last_rx = now
         self._welcome_deadline = now + self.config.welcome_timeout_s
         cfg = self.config
-        self._send(Hello(cfg.static_key, nat=cfg.nat, software=cfg.software))
+        self._send(Hello(cfg.static_key, self._hello_version, self._nat, cfg.software))
+        self._nat_told = self._nat
 
     def connection_failed(self, reason: str, now: float) -> None:
         """The dial failed (refused, timeout, TLS)."""
@@ -478,6 +517,7 @@ class ControlClient:
         self.refusals, self.last_error = 0, None
         self.node, self.overlay, self.turn = welcome.node, welcome.overlay, welcome.turn
         self.keepalive_s, self.idle_timeout_s = welcome.keepalive_s, welcome.idle_timeout_s
+        self.version = welcome.version
         self.sessions += 1
         self._ready_at = now
         self._next_ping = now + self.keepalive_s
@@ -486,6 +526,7 @@ class ControlClient:
               session=self.sessions, turn=welcome.turn is not None)
         self._events.append(Welcomed(welcome.node, welcome.overlay, welcome.turn,
                                      welcome.server_time, self.sessions))
+        self._tell_nat()  # reported while the hello was on its way
 
     def _replace_peers(self, peers: tuple[PeerInfo, ...]) -> None:
         table = {p.node: p for p in peers if p.node != self.node}
@@ -514,6 +555,15 @@ class ControlClient:
     def _refused(self, reason: str, now: float) -> None:
         """The server ended the connection before a welcome, silently or with a fatal error."""
         fatal = self._fatal
+        if (fatal is not None and fatal.code == "unsupported-version"
+                and self._hello_version > MIN_PROTOCOL_VERSION):
+            # An older server: say hello again in the oldest version (no `nat` messages).
+            event(log, logging.INFO, "control.version_fallback", refused=self._hello_version,
+                  fallback=MIN_PROTOCOL_VERSION, message=fatal.message)
+            self._hello_version = MIN_PROTOCOL_VERSION
+            self._move("lost")
+            self._backoff(now)
+            return
         why = (f"refused by the server: {fatal.code}: {fatal.message}" if fatal is not None
                else f"refused: {SILENT_REFUSAL} ({reason})")
         self.refusals += 1
@@ -528,6 +578,8 @@ class ControlClient:
     def _lose(self, reason: str, now: float, *, close: bool) -> None:
         was_ready = self.state is ClientState.READY
         self.last_error = reason
+        if was_ready:
+            self._hello_version = self.config.version  # the next server may be newer
         if close:
             self._commands.append(Close(reason))
         self._move("lost")

@@ -1,7 +1,8 @@
-"""The server's node registry: stable overlay addresses and last static keys, persisted.
+"""The server's node registry: stable overlay addresses, last static keys and NATs, persisted.
 
 Every node that ever said hello has a record: its overlay address (assigned once, from the
-overlay network, never handed to another node) and the tunnel static key it last presented.
+overlay network, never handed to another node), the tunnel static key it last presented and
+the NAT it last reported (hello or `nat` message), so peers listed offline still show it.
 Records live in `meshd server`'s data directory and survive restarts, so a node keeps its
 address and its peers can be listed (offline) with their keys before they reconnect.
 
@@ -13,7 +14,12 @@ Storage is a narrow seam (`RegistryStore`): `JsonRegistryStore` keeps one JSON f
 atomically on every change (`edgeweave.pki.files.write_atomic`):
 
     {"version": 1, "network": "100.64.0.0/16",
-     "nodes": {"edge-1": {"overlay": "100.64.18.7", "staticKey": "<base64, 32 bytes>"}}}
+     "nodes": {"edge-1": {"overlay": "100.64.18.7", "staticKey": "<base64, 32 bytes>",
+                          "nat": {"natType": "port-restricted",
+                                  "mapping": "endpoint-independent",
+                                  "filtering": "address-and-port-dependent"}}}}
+
+(`nat` is optional, and so are its `mapping` and `filtering`; files without it still load.)
 
 `MemoryRegistryStore` is the in-memory fake for tests (hand the same instance to a new server
 to simulate a restart).
@@ -33,7 +39,7 @@ from typing import Any, Protocol
 
 from edgeweave.pki.files import write_atomic
 from edgeweave.pki.identity import is_valid_node_name
-from meshd.control.wire import STATIC_KEY_BYTES
+from meshd.control.wire import BEHAVIOURS, NAT_TYPES, STATIC_KEY_BYTES, NatSummary
 
 STORE_VERSION = 1
 REGISTRY_FILE = "control-registry.json"
@@ -61,6 +67,8 @@ class NodeRecord:
     """Its overlay address."""
     static_key: bytes | None = None
     """The tunnel static key it presented last (None: never said hello with this registry)."""
+    nat: NatSummary | None = None
+    """The NAT it reported last (None: never reported one)."""
 
 
 class RegistryStore(Protocol):
@@ -120,9 +128,13 @@ class JsonRegistryStore:
         nodes: dict[str, Any] = {}
         for node in sorted(records):
             record = records[node]
-            entry: dict[str, str] = {"overlay": str(record.overlay)}
+            entry: dict[str, Any] = {"overlay": str(record.overlay)}
             if record.static_key is not None:
                 entry["staticKey"] = base64.b64encode(record.static_key).decode("ascii")
+            if record.nat is not None:
+                nat = {"natType": record.nat.nat_type, "mapping": record.nat.mapping,
+                       "filtering": record.nat.filtering}
+                entry["nat"] = {k: v for k, v in nat.items() if v is not None}
             nodes[node] = entry
         doc = {"version": STORE_VERSION, "network": str(network), "nodes": nodes}
         data = (json.dumps(doc, indent=1) + "\n").encode("utf-8")
@@ -162,8 +174,21 @@ def _records(doc: Any, path: Path) -> dict[str, NodeRecord]:
             if len(key) != STATIC_KEY_BYTES:
                 raise RegistryStoreError(path, f"{where}.staticKey: not {STATIC_KEY_BYTES} "
                                                "bytes of base64")
-        out[node] = NodeRecord(overlay, key)
+        out[node] = NodeRecord(overlay, key, _nat(entry.get("nat"), f"{where}.nat", path))
     return out
+
+
+def _nat(doc: Any, where: str, path: Path) -> NatSummary | None:
+    if doc is None:
+        return None
+    if not isinstance(doc, dict) or doc.get("natType") not in NAT_TYPES:
+        raise RegistryStoreError(path, f"{where}.natType: expected one of "
+                                       + ", ".join(sorted(NAT_TYPES)))
+    for key in ("mapping", "filtering"):
+        if doc.get(key) is not None and doc[key] not in BEHAVIOURS:
+            raise RegistryStoreError(path, f"{where}.{key}: expected one of "
+                                           + ", ".join(sorted(BEHAVIOURS)))
+    return NatSummary(doc["natType"], doc.get("mapping"), doc.get("filtering"))
 
 
 class Registry:
@@ -206,15 +231,28 @@ class Registry:
         if record is not None and self.usable(record):
             if record.static_key == static_key:
                 return record
-            updated = NodeRecord(record.overlay, static_key)
+            updated = NodeRecord(record.overlay, static_key, record.nat)
         else:
-            updated = NodeRecord(self._allocate(node), static_key)
+            updated = NodeRecord(self._allocate(node), static_key,
+                                 record.nat if record is not None else None)
         records = {**self._records, node: updated}
         self._store.save(records, self.network)
         if record is not None:
             self._owners.pop(record.overlay, None)
         self._records = records
         self._owners[updated.overlay] = node
+        return updated
+
+    def set_nat(self, node: str, nat: NatSummary) -> NodeRecord:
+        """Record the NAT `node` reported (a registered node). Saves only when it changed;
+        raises `RegistryStoreError` (then nothing changed), `KeyError` for an unknown node."""
+        record = self._records[node]
+        if record.nat == nat:
+            return record
+        updated = NodeRecord(record.overlay, record.static_key, nat)
+        records = {**self._records, node: updated}
+        self._store.save(records, self.network)
+        self._records = records
         return updated
 
     def _allocate(self, node: str) -> ipaddress.IPv4Address:

@@ -14,7 +14,12 @@ What it does:
   address is whatever the registry holds for its name: a node cannot claim another's address.
   A static key held by another online node is refused (`key-in-use`).
 - Registry (`meshd.control.registry`): stable overlay addresses per node name, persisted before
-  use; the last static key per node, so peers are listed (offline) across server restarts.
+  use; the last static key and NAT per node, so peers are listed (offline) across server
+  restarts.
+- A hello of any version from `MIN_PROTOCOL_VERSION` up is accepted; the session speaks the
+  lower of the hello's and ours (told in the welcome). A NAT comes in the hello or, in version 2
+  sessions, in a `nat` message (rate-limited like signals); a change is saved and announced
+  (`peerJoined`) to every other online node.
 - A second connection of the same node replaces the first once its hello is accepted (the old
   one gets `replaced`); peers see no leave/join, only a `peerJoined` if the entry changed.
 - Signals are routed between online nodes only, stamped with the sender's name, limited in
@@ -44,12 +49,15 @@ from edgeweave.pki.identity import is_valid_node_name
 from meshd.control.registry import Registry, RegistryFull, RegistryStore, RegistryStoreError
 from meshd.control.wire import (
     CLIENT_MAX_FRAME,
+    MIN_PROTOCOL_VERSION,
+    NAT_VERSION,
     PROTOCOL_VERSION,
     ControlProtocolError,
     Error,
     FrameDecoder,
     Hello,
     Message,
+    Nat,
     NatSummary,
     PeerInfo,
     PeerJoined,
@@ -79,7 +87,7 @@ class ErrorCode(enum.StrEnum):
     UNAUTHORIZED = "unauthorized"
     """F: the certificate names no node."""
     UNSUPPORTED_VERSION = "unsupported-version"
-    """F: the hello's version is not ours."""
+    """F: the hello's version is older than MIN_PROTOCOL_VERSION."""
     KEY_IN_USE = "key-in-use"
     """F: another online node presented that static key."""
     NO_ADDRESS = "no-address"
@@ -101,7 +109,7 @@ class ErrorCode(enum.StrEnum):
     PEER_OFFLINE = "peer-offline"
     """A signal to a node without a session; dropped."""
     RATE_LIMITED = "rate-limited"
-    """A signal over the sender's rate; dropped."""
+    """A signal or `nat` over the sender's rate; dropped."""
     TOO_LARGE = "too-large"
     """A signal payload over maxSignalBytes; dropped."""
 
@@ -197,6 +205,8 @@ class ControlMetrics:
     """Signals refused, by error code."""
     credentials_issued: int = 0
     """TURN credentials minted (welcome and refresh)."""
+    nat_reports: int = 0
+    """NATs agents reported (hello or `nat`) that changed their entry."""
 
 
 class SessionState(enum.Enum):
@@ -216,7 +226,7 @@ TRANSITIONS: dict[tuple[SessionState, str], SessionState] = {
 
 ACCEPTED: dict[SessionState, tuple[type, ...]] = {
     SessionState.AWAIT_HELLO: (Hello, Ping, Error),
-    SessionState.ACTIVE: (Signal, Ping, Error),
+    SessionState.ACTIVE: (Signal, Nat, Ping, Error),
 }
 """Messages an agent may send in each state; anything else is a protocol error."""
 
@@ -230,7 +240,7 @@ class _Session:
     decoder: FrameDecoder
     state: SessionState = SessionState.AWAIT_HELLO
     static_key: bytes = b""
-    nat: NatSummary | None = None
+    version: int = MIN_PROTOCOL_VERSION
     tokens: float = 0.0
     tokens_at: float = 0.0
     turn_refresh_at: float | None = None
@@ -380,7 +390,15 @@ class ControlServer:
             ("meshd_control_protocol_errors_total", {}, m.protocol_errors),
             ("meshd_control_signals_routed_total", {}, m.signals_routed),
             ("meshd_control_credentials_issued_total", {}, m.credentials_issued),
+            ("meshd_control_nat_reports_total", {}, m.nat_reports),
         ]
+        by_type: dict[str, int] = {}
+        for node in self._online:
+            info = self._published.get(node)
+            kind = info.nat.nat_type if info is not None and info.nat is not None else "unknown"
+            by_type[kind] = by_type.get(kind, 0) + 1
+        out += [("meshd_control_nodes_online_by_nat", {"natType": kind}, n)
+                for kind, n in sorted(by_type.items())]
         out += [("meshd_control_refused_total", {"code": code}, n)
                 for code, n in sorted(m.refused.items())]
         out += [("meshd_control_signals_dropped_total", {"reason": reason}, n)
@@ -400,15 +418,18 @@ class ControlServer:
             self._send(session, Pong(message.seq), out)
         elif isinstance(message, Signal):
             self._signal(session, message, now, out)
+        elif isinstance(message, Nat):
+            self._nat(session, message, now, out)
         elif isinstance(message, Error):
             event(log, logging.INFO, "control.agent_error", node=session.node,
                   code=message.code, message=message.message)
 
     def _hello(self, session: _Session, hello: Hello, now: float, out: list[Output]) -> None:
         node = session.node
-        if hello.version != PROTOCOL_VERSION:
+        if hello.version < MIN_PROTOCOL_VERSION:
             return self._fail(session, ErrorCode.UNSUPPORTED_VERSION,
-                              f"version {hello.version} is not {PROTOCOL_VERSION}", now, out)
+                              f"version {hello.version} is older than {MIN_PROTOCOL_VERSION}",
+                              now, out)
         for other, active in self._online.items():
             if other != node and active.static_key == hello.static_key:
                 return self._fail(session, ErrorCode.KEY_IN_USE,
@@ -426,13 +447,16 @@ class ControlServer:
             self._fail(previous, ErrorCode.REPLACED, "a newer connection of this node took "
                        "over", now, out, count=False, announce=False)
         session.move("hello")
-        session.static_key, session.nat = hello.static_key, hello.nat
+        session.static_key = hello.static_key
+        session.version = min(hello.version, PROTOCOL_VERSION)
+        if hello.nat is not None:
+            self._store_nat(session, hello.nat)
         self._online[node] = session
         self.metrics.hellos += 1
         cfg = self.config
         overlay = ipaddress.IPv4Interface(f"{record.overlay}/{cfg.overlay_network.prefixlen}")
         welcome = Welcome(node, overlay, now, cfg.keepalive_s, cfg.idle_timeout_s,
-                          self._grant(session, now))
+                          self._grant(session, now), session.version)
         self._send(session, welcome, out)
         self._send(session, Peers(tuple(p for n, p in sorted(self._published.items())
                                         if n != node)), out)
@@ -443,16 +467,13 @@ class ControlServer:
 
     def _signal(self, session: _Session, signal: Signal, now: float, out: list[Output]) -> None:
         cfg = self.config
-        session.tokens = min(float(cfg.signal_burst),
-                             session.tokens + (now - session.tokens_at) * cfg.signals_per_s)
-        session.tokens_at = now
         target = self._online.get(signal.peer)
+        self._refill(session, now)
         if signal.peer == session.node:
             return self._drop(session, signal, ErrorCode.BAD_PEER, "a signal to oneself", out)
-        if session.tokens < 1:
+        if not self._take_token(session, now):
             return self._drop(session, signal, ErrorCode.RATE_LIMITED,
                               f"over {cfg.signals_per_s:g} signals/s", out)
-        session.tokens -= 1
         if target is None:
             return self._drop(session, signal, ErrorCode.PEER_OFFLINE,
                               f"{signal.peer} is not connected", out)
@@ -464,6 +485,50 @@ class ControlServer:
                               f"signal larger than {cfg.max_signal_bytes} bytes", out)
         self.metrics.signals_routed += 1
         out.append(SendFrame(target.conn, frame))
+
+    def _nat(self, session: _Session, message: Nat, now: float, out: list[Output]) -> None:
+        if session.version < NAT_VERSION:
+            self._protocol_error(session, f"nat needs protocol version {NAT_VERSION}, the "
+                                 f"session speaks {session.version}", now, out)
+            return
+        if not self._take_token(session, now):
+            dropped = self.metrics.signals_dropped
+            dropped["rate-limited"] = dropped.get("rate-limited", 0) + 1
+            self._send(session, Error(ErrorCode.RATE_LIMITED.value,
+                                      f"nat: over {self.config.signals_per_s:g} messages/s"),
+                       out)
+            return
+        if self._store_nat(session, message.nat):
+            self._publish(session.node, out)
+
+    def _store_nat(self, session: _Session, nat: NatSummary) -> bool:
+        """Save a node's reported NAT; True when its entry changed."""
+        record = self.registry.get(session.node)
+        if record is None or record.nat == nat:
+            return False
+        try:
+            self.registry.set_nat(session.node, nat)
+        except RegistryStoreError as exc:  # not fatal: the hello of its next session says it
+            event(log, logging.ERROR, "control.registry_error", node=session.node, error=exc)
+            return False
+        self.metrics.nat_reports += 1
+        event(log, logging.INFO, "control.nat", node=session.node, nat_type=nat.nat_type,
+              mapping=nat.mapping or "-", filtering=nat.filtering or "-")
+        return True
+
+    def _refill(self, session: _Session, now: float) -> None:
+        cfg = self.config
+        session.tokens = min(float(cfg.signal_burst),
+                             session.tokens + (now - session.tokens_at) * cfg.signals_per_s)
+        session.tokens_at = now
+
+    def _take_token(self, session: _Session, now: float) -> bool:
+        """Signals and `nat` messages share one token bucket per session."""
+        self._refill(session, now)
+        if session.tokens < 1:
+            return False
+        session.tokens -= 1
+        return True
 
     def _drop(self, session: _Session, signal: Signal, code: ErrorCode, text: str,
               out: list[Output]) -> None:
@@ -489,10 +554,7 @@ class ControlServer:
         record = self.registry.get(node)
         if record is None or record.static_key is None or not self.registry.usable(record):
             return None
-        session = self._online.get(node)
-        previous = self._published.get(node)
-        nat = session.nat if session is not None else previous.nat if previous else None
-        return PeerInfo(node, record.overlay, record.static_key, online, nat)
+        return PeerInfo(node, record.overlay, record.static_key, online, record.nat)
 
     def _publish(self, node: str, out: list[Output]) -> None:
         """Tell every other online node about a change of `node`'s entry."""

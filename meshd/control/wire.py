@@ -18,10 +18,18 @@ smaller limit (`meshd server` accepts `CLIENT_MAX_FRAME`, 64 KiB, from agents). 
 camelCase; unknown fields are ignored (a newer peer may add some), an unknown `type` is an error
 (peers agree on the message set through `version` in hello/welcome).
 
+Versions: the hello carries the highest version the agent speaks, the welcome the version of the
+session, min(agent's, server's); a server accepts any version from `MIN_PROTOCOL_VERSION` up.
+Version 2 adds `nat` (agent -> server). Servers of version 1 refuse any hello but version 1
+(`unsupported-version`): the agent then says hello again with version 1, and never sends `nat`
+in a version 1 session (its NAT still reaches the server in the hello of the next session).
+
     type         direction        fields
     -----------  ---------------  ---------------------------------------------------------
     hello        agent -> server  version, staticKey (base64 X25519, 32 bytes), nat?,
                                   software?
+    nat          agent -> server  natType, mapping?, filtering? (v2: the agent's NAT changed;
+                                  the server stores it and sends peerJoined to the others)
     welcome      server -> agent  version, node, overlay ("100.64.0.7/16"), serverTime,
                                   keepaliveS, idleTimeoutS, turn?
     credentials  server -> agent  turn (fresh TURN credentials before the old ones expire)
@@ -34,7 +42,9 @@ camelCase; unknown fields are ignored (a newer peer may add some), an unknown `t
     error        both             code, message, peer?
 
 A peer entry is `{"node", "overlay": "100.64.0.7", "staticKey", "online", "nat"?, "groups"?}`;
-`nat` is `{"natType", "mapping"?, "filtering"?}` (from `meshd netcheck`); `turn` is
+`nat` is `{"natType", "mapping"?, "filtering"?}` (from `meshd netcheck`: natType one of `NAT_TYPES`,
+mapping and filtering one of `BEHAVIOURS`, absent when untested; the server refuses other values
+from agents, an agent reads a value it does not know from the server as `unknown`/absent); `turn` is
 `{"username", "password", "expiresAt", "realm", "servers": [{"host", "port", "transport"}]}`.
 
 Any bytes given to `parse_body`, `parse_frame` or `FrameDecoder.feed` either parse or raise
@@ -55,10 +65,19 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from edgeweave.pki.identity import is_valid_node_name
+from meshd.netcheck.classify import Behaviour, NatType
 from meshd.turn.credentials import TurnCredentials
 
-PROTOCOL_VERSION = 1
-"""The message set of this module."""
+PROTOCOL_VERSION = 2
+"""The message set of this module (2: `nat`)."""
+MIN_PROTOCOL_VERSION = 1
+"""The oldest version still spoken (1: everything but `nat`)."""
+NAT_VERSION = 2
+"""The first version with the `nat` message."""
+NAT_TYPES = frozenset(t.value for t in NatType)
+"""Values of `natType`."""
+BEHAVIOURS = frozenset(b.value for b in Behaviour)
+"""Values of `mapping` and `filtering` (RFC 4787)."""
 HEADER = struct.Struct("!I")
 MAX_FRAME = 16 * 1024 * 1024
 """Longest body anyone sends or accepts."""
@@ -258,6 +277,14 @@ class Signal:
 
 
 @dataclass(frozen=True)
+class Nat:
+    """The agent's NAT changed (its background netcheck finished); version 2 sessions only."""
+
+    nat: NatSummary
+    """What it found."""
+
+
+@dataclass(frozen=True)
 class Ping:
     """Liveness and RTT probe from the agent; the server answers `Pong` with the same seq."""
 
@@ -285,8 +312,8 @@ class Error:
     """The peer it concerns (a signal's destination), or empty."""
 
 
-Message = (Hello | Welcome | Credentials | Peers | PeerJoined | PeerLeft | Signal | Ping | Pong
-           | Error)
+Message = (Hello | Welcome | Credentials | Peers | PeerJoined | PeerLeft | Signal | Nat | Ping
+           | Pong | Error)
 """Every control message."""
 
 
@@ -360,6 +387,7 @@ _ENCODERS: dict[type, tuple[str, Callable[[Any], dict[str, Any]]]] = {
     PeerJoined: ("peerJoined", lambda m: {"peer": _peer_doc(m.peer)}),
     PeerLeft: ("peerLeft", lambda m: {"node": m.node}),
     Signal: ("signal", lambda m: {"peer": m.peer, "payload": m.payload}),
+    Nat: ("nat", lambda m: _nat_doc(m.nat)),
     Ping: ("ping", lambda m: {"seq": m.seq}),
     Pong: ("pong", lambda m: {"seq": m.seq}),
     Error: ("error", _error_doc),
@@ -475,7 +503,27 @@ class _Doc:
 
 
 def _parse_nat(d: _Doc) -> NatSummary:
-    return NatSummary(d.text("natType"), d.opt_text("mapping"), d.opt_text("filtering"))
+    """Strict: what an agent says about itself (hello, nat) must use known values."""
+    kind = d.text("natType")
+    if kind not in NAT_TYPES:
+        raise d.fail("natType", "one of " + ", ".join(sorted(NAT_TYPES)))
+    behaviours = []
+    for key in ("mapping", "filtering"):
+        value = d.opt_text(key)
+        if value is not None and value not in BEHAVIOURS:
+            raise d.fail(key, "one of " + ", ".join(sorted(BEHAVIOURS)))
+        behaviours.append(value)
+    return NatSummary(kind, behaviours[0], behaviours[1])
+
+
+def _parse_peer_nat(d: _Doc) -> NatSummary:
+    """Lenient: a newer server may relay values this agent does not know; they become unknown
+    (and never reach a metric label as they came)."""
+    kind = d.text("natType")
+    mapping, filtering = d.opt_text("mapping"), d.opt_text("filtering")
+    return NatSummary(kind if kind in NAT_TYPES else NatType.UNKNOWN.value,
+                      mapping if mapping in BEHAVIOURS else None,
+                      filtering if filtering in BEHAVIOURS else None)
 
 
 def _parse_turn(d: _Doc) -> TurnGrant:
@@ -502,7 +550,7 @@ def _parse_peer(d: _Doc) -> PeerInfo:
     groups = d.items("groups") if d.has("groups") else []
     if not all(isinstance(g, str) and g for g in groups):
         raise d.fail("groups", "a list of names")
-    nat = _parse_nat(d.sub("nat")) if d.has("nat") else None
+    nat = _parse_peer_nat(d.sub("nat")) if d.has("nat") else None
     return PeerInfo(d.node("node"), _parse_ipv4(d, "overlay"), d.key("staticKey"),
                     d.flag("online"), nat, tuple(groups))
 
@@ -570,6 +618,7 @@ _PARSERS: dict[str, Callable[[_Doc], Message]] = {
     "peerJoined": lambda d: PeerJoined(_parse_peer(d.sub("peer"))),
     "peerLeft": lambda d: PeerLeft(d.node("node")),
     "signal": _parse_signal,
+    "nat": lambda d: Nat(_parse_nat(d)),
     "ping": lambda d: Ping(d.integer("seq")),
     "pong": lambda d: Pong(d.integer("seq")),
     "error": _parse_error,

@@ -12,7 +12,9 @@ initiator is from the handshake alone.
                        0xE1 initiation --decrypt + verify--> node --> session.accept_initiation
                        anything else --> Rejected(malformed)
 
-Consecutive datagrams for one session are handed over as one batch.
+Consecutive datagrams for one session are handed over as one batch. A coalesced read (UDP GRO)
+that is exactly the fragments of one 0xE4 message goes to its session whole (`receive_read`),
+without being split into datagrams first.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from meshd.tunnel.session import (
     open_initiation,
 )
 from meshd.tunnel.wire import TYPE_DATA, TYPE_FRAGMENT, TYPE_INITIATION, TYPE_RESPONSE
+from meshd.udp import split_read
 
 _INDEX = struct.Struct("!I")
 _RECEIVER_OFFSET = {TYPE_DATA: 1, TYPE_FRAGMENT: 1, TYPE_RESPONSE: 5}
@@ -63,6 +66,11 @@ class TunnelEndpoint:
         self._frames_out = False
         self.rejected: dict[RejectReason, int] = {}
         """Datagrams dropped before any session could be told, per reason."""
+        self.output_pending = False
+        """A `receive_*` or `encrypt*` call left some session with datagrams for
+        `datagrams_to_send` (a handshake message, a keepalive, packets that waited for keys);
+        cleared by `datagrams_to_send`. O(1), unlike `has_output`: the adapter asks after every
+        wake-up."""
 
     # -- peers -----------------------------------------------------------------------------------
 
@@ -110,17 +118,48 @@ class TunnelEndpoint:
 
     def encrypt(self, node: str, packets: Sequence[bytes], now: float) -> list[bytes]:
         """Transport datagrams for packets to `node` (which must have been added)."""
-        return self._sessions[node].encrypt(packets, now)
+        session = self._sessions[node]
+        out = session.encrypt(packets, now)
+        if session.has_output:
+            self.output_pending = True
+        return out
 
     def encrypt_frames(self, node: str, frames: Sequence[bytes], now: float) -> list[bytes]:
         """Transport datagrams for offload frames to `node` (`TunnelSession.encrypt_frames`)."""
-        return self._sessions[node].encrypt_frames(frames, now)
+        session = self._sessions[node]
+        out = session.encrypt_frames(frames, now)
+        if session.has_output:
+            self.output_pending = True
+        return out
 
     def receive(self, datagram: bytes, now: float) -> list[Event]:
         return self.receive_batch((datagram,), now)
 
     def receive_batch(self, datagrams: Iterable[bytes], now: float) -> list[Event]:
         """Route datagrams to their sessions; events of all sessions, in order."""
+        return self._route(datagrams, now, None)
+
+    def receive_into(self, datagrams: Iterable[bytes], now: float,
+                     packets: list[bytes]) -> list[Event]:
+        """`receive_batch` for the data path: decrypted packets of every session are appended
+        to `packets` in arrival order instead of coming as `DecryptedPackets` events, so a
+        batch of data costs no event objects; the rest (handshakes, drops) are returned."""
+        return self._route(datagrams, now, packets)
+
+    def receive_one_into(self, datagram: bytes, now: float,
+                         packets: list[bytes]) -> list[Event]:
+        """`receive_into` for one datagram, trying `TunnelSession.receive_one` first (a lone
+        data datagram is the common case of interactive traffic)."""
+        if len(datagram) > 5 and TYPE_DATA <= datagram[0] <= TYPE_FRAGMENT:
+            session = self._indexes.owner(_INDEX.unpack_from(datagram, 1)[0])
+            if session is not None and session.receive_one(datagram, now, packets):
+                if session.has_output:  # a rekey started on receive
+                    self.output_pending = True
+                return []
+        return self._route((datagram,), now, packets)
+
+    def _route(self, datagrams: Iterable[bytes], now: float,
+               packets: list[bytes] | None) -> list[Event]:
         events: list[Event] = []
         run: list[bytes] = []
         run_session: TunnelSession | None = None
@@ -136,23 +175,55 @@ class TunnelEndpoint:
                     continue
                 if session is not run_session and run:
                     assert run_session is not None
-                    events.extend(run_session.receive_batch(run, now))
+                    self._run(run_session, run, now, events, packets)
                     run = []
                 run_session = session
                 run.append(datagram)
                 continue
             if run:
                 assert run_session is not None
-                events.extend(run_session.receive_batch(run, now))
+                self._run(run_session, run, now, events, packets)
                 run, run_session = [], None
             if kind == TYPE_INITIATION:
                 events.extend(self._initiation(datagram, now))
+                self.output_pending = True  # its answer waits in a session's outbox
             else:
                 self._drop(events, RejectReason.MALFORMED, "not a tunnel message")
         if run:
             assert run_session is not None
-            events.extend(run_session.receive_batch(run, now))
+            self._run(run_session, run, now, events, packets)
         return _merge_rejections(events)
+
+    def _run(self, session: TunnelSession, run: list[bytes], now: float, events: list[Event],
+             packets: list[bytes] | None) -> None:
+        events += (session.receive_batch(run, now) if packets is None
+                   else session.receive_into(run, now, packets))
+        if session.has_output:
+            self.output_pending = True
+
+    def receive_read(self, data: bytes, segment: int, now: float) -> list[Event]:
+        """One coalesced read (UDP GRO: datagrams of `segment` bytes back to back, the last
+        may be shorter; `segment` 0: one datagram). A read that is one whole 0xE4 message goes
+        to its session at once (`TunnelSession.receive_message`); anything else is split and
+        handled datagram by datagram, with the same outcome."""
+        return self._read(data, segment, now, None)
+
+    def receive_read_into(self, data: bytes, segment: int, now: float,
+                          packets: list[bytes]) -> list[Event]:
+        """`receive_read` with decrypted packets appended to `packets` (`receive_into`)."""
+        return self._read(data, segment, now, packets)
+
+    def _read(self, data: bytes, segment: int, now: float,
+              packets: list[bytes] | None) -> list[Event]:
+        if segment and len(data) > 5 and data[0] == TYPE_FRAGMENT:
+            session = self._indexes.owner(_INDEX.unpack_from(data, 1)[0])
+            if session is not None:
+                events = session.receive_message(data, segment, now, packets)
+                if events is not None:
+                    if session.has_output:
+                        self.output_pending = True
+                    return _merge_rejections(events)
+        return self._route(split_read(data, segment) if segment else (data,), now, packets)
 
     def _initiation(self, datagram: bytes, now: float) -> list[Event]:
         try:
@@ -179,6 +250,7 @@ class TunnelEndpoint:
     def datagrams_to_send(self, now: float) -> list[tuple[str, bytes]]:
         """(peer node, datagram) pairs that every session wants sent; the caller picks the path
         to that node."""
+        self.output_pending = False
         out: list[tuple[str, bytes]] = []
         for node, session in self._sessions.items():
             out.extend((node, d) for d in session.datagrams_to_send(now))

@@ -7,8 +7,9 @@ Inputs (every entry point takes `now`, the monotonic clock the adapter runs on):
 - `control_event(ev, now)`: what `ControlClient.next_event()` returned (welcome, peer table,
   signals, TURN credentials). Signals go out through `ControlClient.send_signal` (the adapter
   flushes the client's commands afterwards).
-- `receive_batch([(datagram, source), ...], now)`: datagrams read from the tunnel socket.
-  Returns the IP packets to write to the TUN device.
+- `receive_reads([(data, segment, source), ...], now)`: reads of the tunnel socket (one
+  datagram each, or with UDP GRO several of `segment` bytes; `receive_batch` takes plain
+  `(datagram, source)` pairs). Returns the IP packets to write to the TUN device.
 - `send_packets(packets, now)`: IP packets read from the TUN device. Returns the datagrams that
   carry them (direct or through the relay).
 - `handle_timer(now)` at `get_timer()`.
@@ -93,7 +94,7 @@ from meshd.tunnel.session import (
     Rejected,
     TunnelConfig,
 )
-from meshd.tunnel.wire import OverlayAddress
+from meshd.tunnel.wire import TYPE_DATA, TYPE_FRAGMENT, OverlayAddress
 from meshd.turn.client import (
     Allocated,
     AllocationFailed,
@@ -104,10 +105,13 @@ from meshd.turn.client import (
     TurnClient,
     TurnClientConfig,
 )
-from meshd.udp import Address, Transmit, format_address
+from meshd.udp import Address, Read, Transmit, format_address, split_read
 
 log = logging.getLogger("meshd.tunnel")
 
+_FRAGMENT_BYTE = bytes((TYPE_FRAGMENT,))
+_PACKET_DST = slice(16, 20)  # IPv4 destination address
+_FRAME_DST = slice(VNET_HDR_LEN + 16, VNET_HDR_LEN + 20)
 SIGNAL_KIND = "ice"
 """`kind` of the signals that carry a `Description` (`{"kind": "ice", "description": {...}}`)."""
 
@@ -175,17 +179,26 @@ class PeerDown:
     """Queued packets lost with it."""
 
 
-MeshEvent = PeerPathChanged | PeerUp | PeerDown
+@dataclass(frozen=True)
+class ReflexiveChanged:
+    """Our server-reflexive address changed (first learnt, or a new NAT mapping): the NAT
+    classification (`meshd.tunnel.natprobe`) may be stale."""
+
+    address: Address
+    """The new address."""
+
+
+MeshEvent = PeerPathChanged | PeerUp | PeerDown | ReflexiveChanged
 
 
 @dataclass
 class MeshMetrics:
     """Counters the agent exports (`meshd_tunnel_*`)."""
 
-    punch_attempts: dict[str, int] = field(default_factory=dict)
-    """Rounds of checks started, per peer NAT class."""
-    punch_successes: dict[str, int] = field(default_factory=dict)
-    """Rounds that found a direct pair, per peer NAT class."""
+    punch_attempts: dict[tuple[str, str], int] = field(default_factory=dict)
+    """Rounds of checks started, per (our NAT class, the peer's NAT class)."""
+    punch_successes: dict[tuple[str, str], int] = field(default_factory=dict)
+    """Rounds that found a direct pair, per NAT class pair as counted at the round's start."""
     time_to_direct_s: dict[str, float] = field(default_factory=dict)
     """Last round start → direct selection, per peer."""
     relay_bytes_out: int = 0
@@ -237,13 +250,15 @@ class PeerStatus:
     """Crypto session state."""
     time_to_relay_s: float | None = None
     """Round start → decided relayed, of the last round that ended relayed."""
+    nat: str = "unknown"
+    """The peer's NAT class as it published it (`unknown` until it does)."""
 
     def as_dict(self) -> dict[str, Any]:
         return {"node": self.node, "overlay": self.overlay, "online": self.online,
                 "state": self.state, "path": self.path, "endpoint": self.endpoint,
                 "rttMs": self.rtt_ms, "bytesIn": self.bytes_in, "bytesOut": self.bytes_out,
                 "lastHandshake": self.last_handshake, "timeToDirectS": self.time_to_direct_s,
-                "timeToRelayS": self.time_to_relay_s, "session": self.session}
+                "timeToRelayS": self.time_to_relay_s, "session": self.session, "nat": self.nat}
 
 
 class _TurnLink:
@@ -291,6 +306,13 @@ class _Peer:
     path: str = "none"
     last_data: float = -1e9
     """When `send_packets` last sent to the peer."""
+    direct: tuple[Address, Address] | None = None
+    """(local, remote) of the direct path from the machine's last `PathChanged` (None: not
+    direct, or not from our socket): `send_packets` addresses datagrams itself then, as
+    `PathMachine.transmit_many` would (every machine input ends with `PathChanged` when the
+    path moved, and the node drains those right after)."""
+    nat_pair: tuple[str, str] = ("unknown", "unknown")
+    """(our NAT class, the peer's) when the current round of checks started."""
 
 
 class MeshNode:
@@ -516,6 +538,8 @@ class MeshNode:
         srflx = self._query.candidate()
         if self._gathered and srflx == self._srflx and not self._link_changed:
             return
+        if srflx is not None and srflx != self._srflx:
+            self._events.append(ReflexiveChanged(srflx[0]))
         self._srflx = srflx
         self._gathered, self._link_changed = True, False
         cands = self._candidates()
@@ -583,7 +607,7 @@ class MeshNode:
         `next_event`, `get_timer`), which costs more than the data with many peers; every other
         input needs it."""
         endpoint = self.endpoint
-        return self._data_only and (endpoint is None or not endpoint.has_output())
+        return self._data_only and (endpoint is None or not endpoint.output_pending)
 
     @property
     def tun_frames(self) -> bool:
@@ -599,35 +623,66 @@ class MeshNode:
 
     def receive_batch(self, datagrams: Iterable[tuple[bytes, Address]], now: float) -> list[bytes]:
         """Datagrams from the socket; returns the IP packets for the TUN device."""
+        return self.receive_reads([(data, 0, source) for data, source in datagrams], now)
+
+    def receive_reads(self, reads: Sequence[Read], now: float) -> list[bytes]:
+        """Reads from the socket (`meshd.udp.Read`: one datagram, or with UDP GRO several of
+        `segment` bytes from one source back to back); returns the IP packets (offload frames
+        with `tun_frames`) for the TUN device. A coalesced read of 0xE4 fragments goes to the
+        endpoint whole (one message: no per-fragment work); other reads are split."""
+        endpoint = self.endpoint
+        tun_out = self._tun_out  # decrypted packets go straight here (no event objects)
+        if len(reads) == 1 and endpoint is not None:  # a lone datagram: the short way
+            read, segment, _ = reads[0]
+            if not segment and read and TYPE_DATA <= read[0] <= TYPE_FRAGMENT:
+                events = endpoint.receive_one_into(read, now, tun_out)
+                if events:
+                    self._endpoint_events(events, now)
+                self._tun_out = []
+                return tun_out
         tunnel: list[bytes] = []
         turn = self._turn
         turn_server = turn.server if turn is not None else None
         link = self._link
         local = self.local
-        for data, source in datagrams:
-            if not data:
-                continue
-            first = data[0]
-            if 0xE1 <= first <= 0xE4:
-                tunnel.append(data)
-            elif 0x40 <= first <= 0x7F and source == turn_server and link is not None:
-                peer = link.peer_of.get(int.from_bytes(data[:2], "big"))
-                length = int.from_bytes(data[2:4], "big")
-                if peer is None or len(data) < 4 + length:
-                    self.metrics.garbage += 1
+        for read, segment, source in reads:
+            if segment:
+                if read[:1] == _FRAGMENT_BYTE and endpoint is not None:
+                    if tunnel:
+                        self._endpoint_events(endpoint.receive_into(tunnel, now, tun_out), now)
+                        tunnel = []
+                    self._endpoint_events(
+                        endpoint.receive_read_into(read, segment, now, tun_out), now)
                     continue
-                self.metrics.relay_bytes_in += len(data)
-                inner = data[4:4 + length]
-                if inner and 0xE1 <= inner[0] <= 0xE4:
-                    tunnel.append(inner)
+                datagrams: Iterable[bytes] = split_read(read, segment)
+            else:
+                datagrams = (read,)
+            for data in datagrams:
+                if not data:
+                    continue
+                first = data[0]
+                if 0xE1 <= first <= 0xE4:
+                    tunnel.append(data)
+                elif 0x40 <= first <= 0x7F and source == turn_server and link is not None:
+                    peer = link.peer_of.get(int.from_bytes(data[:2], "big"))
+                    length = int.from_bytes(data[2:4], "big")
+                    if peer is None or len(data) < 4 + length:
+                        self.metrics.garbage += 1
+                        continue
+                    self.metrics.relay_bytes_in += len(data)
+                    inner = data[4:4 + length]
+                    if inner and 0xE1 <= inner[0] <= 0xE4:
+                        tunnel.append(inner)
+                    else:
+                        self._data_only = False
+                        self._inner(inner, peer, link.relayed_address, now)
                 else:
                     self._data_only = False
-                    self._inner(inner, peer, link.relayed_address, now)
-            else:
-                self._data_only = False
-                self._stun(data, source, local, now)
-        if tunnel and self.endpoint is not None:
-            self._endpoint_events(self.endpoint.receive_batch(tunnel, now), now)
+                    self._stun(data, source, local, now)
+        if tunnel and endpoint is not None:
+            events = endpoint.receive_into(tunnel, now, tun_out)
+            if events:
+                self._endpoint_events(events, now)
         out, self._tun_out = self._tun_out, []
         return out
 
@@ -667,33 +722,49 @@ class MeshNode:
             self.metrics.no_route += len(packets)
             return out
         route = self._route
-        groups: dict[str, list[bytes]] = {}
         frames = self._tun_frames
-        at, dst = (VNET_HDR_LEN, slice(VNET_HDR_LEN + 16, VNET_HDR_LEN + 20)) if frames \
-            else (0, slice(16, 20))
-        for packet in packets:
+        at, dst = (VNET_HDR_LEN, _FRAME_DST) if frames else (0, _PACKET_DST)
+        groups: Mapping[str, Sequence[bytes]]
+        if len(packets) == 1:  # a lone packet (interactive traffic): no grouping
+            packet = packets[0]
             node = (route.get(packet[dst]) if len(packet) > at and packet[at] >> 4 == 4
                     else None)
             if node is None:
                 self.metrics.no_route += 1
-                continue
-            group = groups.get(node)
-            if group is None:
-                groups[node] = [packet]
-            else:
-                group.append(packet)
-        for node, group in groups.items():
+                return out
+            groups = {node: packets}
+        else:
+            lists: dict[str, list[bytes]] = {}
+            for packet in packets:
+                node = (route.get(packet[dst]) if len(packet) > at and packet[at] >> 4 == 4
+                        else None)
+                if node is None:
+                    self.metrics.no_route += 1
+                    continue
+                group = lists.get(node)
+                if group is None:
+                    lists[node] = [packet]
+                else:
+                    group.append(packet)
+            groups = lists
+        for node, batch in groups.items():
             peer = self._peers[node]
             if now - peer.last_data > 1.0:  # consent checks may start again: full round
                 self._data_only = False
             peer.last_data = now
-            datagrams = (endpoint.encrypt_frames(node, group, now) if frames
-                         else endpoint.encrypt(node, group, now))
-            sent = peer.machine.transmit_many(datagrams, now)
+            datagrams = (endpoint.encrypt_frames(node, batch, now) if frames
+                         else endpoint.encrypt(node, batch, now))
+            direct = peer.direct
+            if direct is not None and datagrams:
+                peer.machine.data_sent(now)
+                local, remote = direct
+                sent = [Transmit(local, remote, d) for d in datagrams]
+            else:
+                sent = peer.machine.transmit_many(datagrams, now)
             if len(sent) < len(datagrams):
                 self.metrics.no_path += len(datagrams) - len(sent)
             elif peer.path == "direct":
-                self.metrics.direct_bytes_out += sum(len(d) for d in datagrams)
+                self.metrics.direct_bytes_out += sum(map(len, datagrams))
             out += sent
         return out
 
@@ -778,8 +849,11 @@ class MeshNode:
 
     # --- event plumbing -------------------------------------------------------------------------
 
-    def _nat_class(self, peer: _Peer) -> str:
-        return peer.info.nat.nat_type if peer.info.nat is not None else "unknown"
+    def _nat_pair(self, peer: _Peer) -> tuple[str, str]:
+        """Labels of the punch metrics: the outcome depends on both NATs (design §6)."""
+        ours = self.control.nat
+        return (ours.nat_type if ours is not None else "unknown",
+                peer.info.nat.nat_type if peer.info.nat is not None else "unknown")
 
     def _drain_machine(self, name: str, peer: _Peer, now: float) -> None:
         machine = peer.machine
@@ -789,10 +863,15 @@ class MeshNode:
             elif isinstance(ev, PathChanged):
                 old, new = ev.old.kind.value, ev.new.kind.value
                 peer.path = new
+                path_local, path_remote = ev.new.local, ev.new.remote
+                peer.direct = ((path_local, path_remote) if ev.new.kind is PathKind.DIRECT
+                               and path_local in self._hosts and path_remote is not None
+                               else None)
                 remote = format_address(ev.new.remote) if ev.new.remote else ""
                 if ev.new.kind is PathKind.DIRECT:
-                    nat = self._nat_class(peer)
-                    self.metrics.punch_successes[nat] = self.metrics.punch_successes.get(nat, 0) + 1
+                    pair = peer.nat_pair  # the round's, so successes never outnumber attempts
+                    successes = self.metrics.punch_successes
+                    successes[pair] = successes.get(pair, 0) + 1
                     if machine.metrics.time_to_direct_s is not None:
                         self.metrics.time_to_direct_s[name] = machine.metrics.time_to_direct_s
                 self._events.append(PeerPathChanged(name, old, new, remote, now))
@@ -803,8 +882,8 @@ class MeshNode:
                       reason=ev.reason)
                 self._start_query(now)  # the NAT mapping may have changed
             elif isinstance(ev, StateChanged) and ev.new is State.CHECKING:
-                nat = self._nat_class(peer)
-                self.metrics.punch_attempts[nat] = self.metrics.punch_attempts.get(nat, 0) + 1
+                pair = peer.nat_pair = self._nat_pair(peer)
+                self.metrics.punch_attempts[pair] = self.metrics.punch_attempts.get(pair, 0) + 1
         if self._turn is not None and self._turn.state is ClientState.ALLOCATED:
             self._bind_peer_relay(peer, now)
 
@@ -860,13 +939,19 @@ class MeshNode:
                 last_handshake=peer.last_handshake,
                 time_to_direct_s=peer.machine.metrics.time_to_direct_s,
                 session=stats.state if stats else "none",
-                time_to_relay_s=peer.machine.metrics.time_to_relay_s))
+                time_to_relay_s=peer.machine.metrics.time_to_relay_s,
+                nat=peer.info.nat.nat_type if peer.info.nat is not None else "unknown"))
         return rows
 
     def peer_overlay(self, node: str) -> ipaddress.IPv4Address | None:
         """`node`'s overlay address when it is online and not us."""
         peer = self._peers.get(node)
         return peer.info.overlay if peer is not None and peer.info.online else None
+
+    @property
+    def reflexive_address(self) -> Address | None:
+        """Our server-reflexive address, once the STUN query answered."""
+        return None if self._srflx is None else self._srflx[0]
 
     @property
     def relayed_address(self) -> Address | None:

@@ -7,9 +7,12 @@ it returns, writes packets to the TUN device and re-arms the timer.
     service.status(); service.metrics_samples()
     await service.stop()                               # mesh0 and the allocation are gone
 
-Reads are batched: one readiness callback drains the socket (`recvfrom` until EAGAIN, at most
-`READ_BATCH`) and the TUN device (`read_batch`) and hands the batch to the core at once
-(design §3). `Transmit.ttl` is honoured per datagram (IP_TTL set around the send).
+Reads are batched: one readiness callback drains the socket (`recvmsg` until EAGAIN, at most
+`READ_BATCH`; after a first read a zero-timeout poll says whether more wait, so a lone datagram
+costs no failed read) and the TUN device (`read_batch`) and hands the batch to the core at once
+(design §3); UDP GRO reads go to the core unsplit (`MeshNode.receive_reads`). Sends of several
+datagrams to one destination use UDP GSO, one run per 0xE4 message at most, so that the peer
+reads each message whole. `Transmit.ttl` is honoured per datagram (IP_TTL set around the send).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import contextlib
 import errno
 import ipaddress
 import logging
+import select
 import socket
 import sys
 import time
@@ -36,11 +40,14 @@ from cryptography.hazmat.primitives.serialization import load_pem_private_key
 from edgeweave.log import event
 from meshd.control.client import ControlClient, ControlClientConfig, ControlEvent
 from meshd.control.service import ControlConnector, agent_tls_context
+from meshd.control.wire import NatSummary
 from meshd.tunnel.identity import CertificateKey
-from meshd.tunnel.mesh import MeshConfig, MeshNode
+from meshd.tunnel.mesh import MeshConfig, MeshEvent, MeshNode, ReflexiveChanged
+from meshd.tunnel.natprobe import NatProbeConfig, NatProber
 from meshd.tunnel.noise import public_bytes
 from meshd.tunnel.tun import TunDevice
-from meshd.udp import Address, Transmit
+from meshd.tunnel.wire import whole_message_packet
+from meshd.udp import Address, Read, Transmit
 
 log = logging.getLogger("meshd.tunnel")
 
@@ -56,6 +63,19 @@ GRO_CMSG_SPACE = socket.CMSG_SPACE(4)
 GSO_MAX_SEGMENTS = 64  # the kernel's UDP_MAX_SEGMENTS
 GSO_MAX_BYTES = 65000  # one UDP datagram's payload at most
 """Datagrams (or TUN packets) handed to the core per readiness callback at most."""
+
+
+def _first_fragment(data: bytes) -> bool:
+    """`data` starts a 0xE4 message of several fragments (direct, or in TURN ChannelData)."""
+    at = 4 if 0x40 <= data[0] <= 0x7F else 0
+    return len(data) > at + 15 and data[at] == 0xE4 and data[at + 13] == 0 and data[at + 14] > 1
+
+
+def _last_fragment(data: bytes) -> bool:
+    """`data` ends a 0xE4 message of several fragments."""
+    at = 4 if 0x40 <= data[0] <= 0x7F else 0
+    return (len(data) > at + 15 and data[at] == 0xE4 and data[at + 14] > 1
+            and data[at + 13] == data[at + 14] - 1)
 
 
 class TunnelError(Exception):
@@ -148,6 +168,8 @@ class TunnelService:
         self.gro_reads = 0
         """Reads that brought several coalesced datagrams (UDP GRO)."""
         self._sock = sock
+        self._poll = select.poll()
+        self._poll.register(sock.fileno(), select.POLLIN)
         self._connector = connector
         self._loop = asyncio.get_running_loop()
         self._timer: asyncio.TimerHandle | None = None
@@ -158,6 +180,8 @@ class TunnelService:
         self._signals_flushed = 0
         self._control_due = False
         self._flushed_at = 0.0
+        self.nat_probe: NatProber | None = None
+        """The background NAT classification (`start_nat_probe`)."""
 
     @classmethod
     async def start(cls, settings: TunnelSettings) -> TunnelService:
@@ -232,9 +256,11 @@ class TunnelService:
         overlay = self.node.overlay
         assert overlay is not None
         try:
+            part = self.node.config.tunnel.fragment_part
             self.tun = TunDevice.open(self.settings.interface, str(overlay.ip),
                                       overlay.network.prefixlen, self.settings.mtu,
-                                      offload=self.settings.offload)
+                                      offload=self.settings.offload,
+                                      gso_max_size=whole_message_packet(GSO_MAX_BYTES, part))
         except Exception as exc:
             event(log, logging.ERROR, "tunnel.tun_failed", interface=self.settings.interface,
                   error=exc)
@@ -251,8 +277,10 @@ class TunnelService:
 
     def _on_socket(self) -> None:
         recv = self._sock.recvmsg
-        batch: list[tuple[bytes, Any]] = []
-        for _ in range(READ_BATCH):
+        batch: list[Read] = []
+        for i in range(READ_BATCH):
+            if i == 1 and not self._poll.poll(0):
+                break  # a lone datagram: no failed read (its exception costs more than this)
             try:
                 data, ancillary, _, source = recv(65535, GRO_CMSG_SPACE)
             except (BlockingIOError, InterruptedError):
@@ -265,12 +293,12 @@ class TunnelService:
                     segment = int.from_bytes(value[:4], sys.byteorder)
             if 0 < segment < len(data):  # GRO joined datagrams of `segment` bytes (last: less)
                 self.gro_reads += 1
-                batch += [(data[k:k + segment], source) for k in range(0, len(data), segment)]
+                batch.append((data, segment, source))
             else:
-                batch.append((data, source))
+                batch.append((data, 0, source))
         if not batch:
             return
-        packets = self.node.receive_batch(batch, self._loop.time())
+        packets = self.node.receive_reads(batch, self._loop.time())
         tun = self.tun
         if tun is not None:
             for packet in packets:
@@ -317,8 +345,9 @@ class TunnelService:
     def _send_segmented(self, transmits: list[Transmit]) -> list[Transmit]:
         """Send runs of datagrams to one destination with one `sendmsg` each (UDP GSO, Linux
         4.18+: the kernel cuts the buffer into datagrams of the first one's size, the last may
-        be shorter); returns what is left for single sends. A kernel without GSO for this
-        socket turns it off for good."""
+        be shorter); returns what is left for single sends. The fragments of one 0xE4 message
+        make a run of their own, so the peer reads the message whole (one coalesced read). A
+        kernel without GSO for this socket turns it off for good."""
         left: list[Transmit] = []
         sock = self._sock
         i, n = 0, len(transmits)
@@ -326,16 +355,18 @@ class TunnelService:
             first = transmits[i]
             size = len(first.data)
             j, total = i + 1, size
-            if first.ttl is None:
+            if first.ttl is None and not _last_fragment(first.data):
                 while j < n and j - i < GSO_MAX_SEGMENTS:
                     t = transmits[j]
-                    length = len(t.data)
+                    data = t.data
+                    length = len(data)
                     if (t.destination != first.destination or t.ttl is not None
-                            or length > size or total + length > GSO_MAX_BYTES):
+                            or length > size or total + length > GSO_MAX_BYTES
+                            or _first_fragment(data)):
                         break
                     total += length
                     j += 1
-                    if length < size:
+                    if length < size or _last_fragment(data):
                         break  # only the last segment may be shorter
             if j - i == 1:
                 left.append(first)
@@ -363,8 +394,8 @@ class TunnelService:
             # (soon, not from inside its own event callback).
             self._control_due = True
             self._loop.call_soon(self._flush_control)
-        while self.node.next_event() is not None:
-            pass  # logged by the core; status reads peer_status()
+        while (ev := self.node.next_event()) is not None:
+            self._mesh_event(ev)  # the rest is logged by the core; status reads peer_status()
         deadline = self.node.get_timer()
         if deadline == self._deadline or self._closed:
             return
@@ -374,6 +405,30 @@ class TunnelService:
         self._deadline = deadline
         if deadline is not None:
             self._timer = self._loop.call_at(deadline, self._on_timer)
+
+    # --- NAT class (meshd.tunnel.natprobe) -------------------------------------------------------
+
+    def start_nat_probe(self, config: NatProbeConfig | None = None) -> NatProber:
+        """Classify this node's NAT in the background against the tunnel's STUN server (from a
+        socket of its own: nothing here waits for it), again when the reflexive address
+        changes, and publish each result (`report_nat`)."""
+        if self.nat_probe is None:
+            self.nat_probe = NatProber(self.node.config.stun_server, self.node.local[0],
+                                       self.report_nat, config)
+            if self.node.reflexive_address is not None:
+                self.nat_probe.reflexive_changed(self.node.reflexive_address)
+        return self.nat_probe
+
+    def report_nat(self, summary: NatSummary) -> None:
+        """Publish this node's NAT class through the control channel (server and peers)."""
+        if self._closed:
+            return
+        self.node.control.report_nat(summary, self._loop.time())
+        self._connector.flush()
+
+    def _mesh_event(self, ev: MeshEvent) -> None:
+        if isinstance(ev, ReflexiveChanged) and self.nat_probe is not None:
+            self.nat_probe.reflexive_changed(ev.address)
 
     def _flush_control(self) -> None:
         self._control_due = False
@@ -398,6 +453,7 @@ class TunnelService:
             "relayed": (f"{node.relayed_address[0]}:{node.relayed_address[1]}"
                         if node.relayed_address else None),
             "control": node.control.state.value,
+            "nat": _nat_doc(node.control.nat),
             "peers": [p.as_dict() for p in node.peer_status()],
         }
 
@@ -405,10 +461,12 @@ class TunnelService:
         """`meshd_tunnel_*` samples for `/metrics`."""
         m = self.node.metrics
         out: list[tuple[str, dict[str, str], float]] = []
-        for nat, n in sorted(m.punch_attempts.items()):
-            out.append(("meshd_tunnel_punch_attempts_total", {"nat": nat}, n))
-        for nat, n in sorted(m.punch_successes.items()):
-            out.append(("meshd_tunnel_punch_successes_total", {"nat": nat}, n))
+        for (nat, peer_nat), n in sorted(m.punch_attempts.items()):
+            out.append(("meshd_tunnel_punch_attempts_total", {"nat": nat, "peerNat": peer_nat},
+                        n))
+        for (nat, peer_nat), n in sorted(m.punch_successes.items()):
+            out.append(("meshd_tunnel_punch_successes_total", {"nat": nat, "peerNat": peer_nat},
+                        n))
         for peer, s in sorted(m.time_to_direct_s.items()):
             out.append(("meshd_tunnel_time_to_direct_seconds", {"peer": peer}, s))
         for row in self.node.peer_status():
@@ -430,6 +488,7 @@ class TunnelService:
             ("meshd_tunnel_send_errors_total", {}, self.send_errors),
             ("meshd_tunnel_gso_sends_total", {}, self.gso_sends),
             ("meshd_tunnel_gro_reads_total", {}, self.gro_reads),
+            ("meshd_tunnel_whole_reads_total", {}, self._whole_reads()),
             ("meshd_tunnel_tun_drops_total", {}, self.tun_drops),
         ]
         for p in self.node.peer_status():
@@ -440,6 +499,13 @@ class TunnelService:
                         p.bytes_out))
         return out
 
+    def _whole_reads(self) -> int:
+        """Coalesced reads that were one whole 0xE4 message (taken without splitting)."""
+        endpoint = self.node.endpoint
+        if endpoint is None:
+            return 0
+        return sum(s.stats().messages_whole for s in endpoint.sessions.values())
+
     def connect_address(self, node: str, port: int) -> Address | None:
         """`PeerDirectory` helper: the peer's overlay address and `port`, if online."""
         overlay = self.node.peer_overlay(node)
@@ -449,6 +515,8 @@ class TunnelService:
         """Delete the allocation, close the control channel, the socket and mesh0."""
         if self._closed:
             return
+        if self.nat_probe is not None:
+            await self.nat_probe.close()
         now = self._loop.time()
         self.node.close(now)
         self._send(self.node.datagrams_to_send(now))
@@ -471,3 +539,9 @@ def overlay_of(status: dict[str, Any], node: str) -> ipaddress.IPv4Address | Non
         if peer.get("node") == node:
             return ipaddress.IPv4Address(peer["overlay"])
     return None
+
+
+def _nat_doc(nat: NatSummary | None) -> dict[str, Any] | None:
+    if nat is None:
+        return None
+    return {"natType": nat.nat_type, "mapping": nat.mapping, "filtering": nat.filtering}

@@ -15,6 +15,8 @@ super-packet of up to 64 KB with its checksum left partial, so one read brings w
 would otherwise hand over as ~45 packets, and one write gives the kernel a whole super-packet
 (it segments it, or delivers it as one to a local socket). A kernel that refuses any of it gets
 the device reopened without (`offload` False, `offload_error` says why): one packet per read.
+`gso_max_size` caps the super-packets (the agent keeps each frame's 0xE4 message within one UDP
+GSO send, `wire.whole_message_packet`, so that the receiver gets it as one coalesced read).
 
 `close` deletes the interface (a non-persistent TUN disappears with its
 last file descriptor; deleting it explicitly also covers a stale one left by `kill -9`).
@@ -22,10 +24,12 @@ last file descriptor; deleting it explicitly also covers a stale one left by `ki
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import ipaddress
 import os
+import select
 import struct
 import subprocess
 
@@ -72,6 +76,8 @@ class TunDevice:
         """Why offloads were asked for and refused (None otherwise)."""
         self._read_size = MAX_FRAME if offloads else mtu + 64
         self._closed = False
+        self._poll = select.poll()
+        self._poll.register(fd, select.POLLIN)
 
     @property
     def offload(self) -> bool:
@@ -80,9 +86,10 @@ class TunDevice:
 
     @classmethod
     def open(cls, name: str, address: str, prefix: int, mtu: int = 1380, *,
-             offload: bool = True) -> TunDevice:
+             offload: bool = True, gso_max_size: int | None = None) -> TunDevice:
         """Create `name` with `address`/`prefix`, MTU `mtu`, up (needs CAP_NET_ADMIN); with
-        offloads when `offload` and the kernel allows them."""
+        offloads when `offload` and the kernel allows them, and then super-packets of at most
+        `gso_max_size` bytes when given (best effort: a kernel that refuses keeps 64 KB)."""
         if not 0 < len(name.encode()) < IFNAMSIZ:
             raise TunError(f"interface name {name!r}: 1..{IFNAMSIZ - 1} bytes")
         interface = ipaddress.ip_interface(f"{address}/{prefix}")
@@ -100,6 +107,9 @@ class TunDevice:
         try:
             _ip("addr", "replace", str(interface), "dev", name)
             _ip("link", "set", "dev", name, "mtu", str(mtu), "up")
+            if offloads and gso_max_size is not None:
+                with contextlib.suppress(TunError):  # IFLA_GSO_MAX_SIZE: Linux 5.19+
+                    _ip("link", "set", "dev", name, "gso_max_size", str(gso_max_size))
         except OSError as exc:
             os.close(fd)
             raise TunError(f"TUN device {name}: {exc.strerror}") from None
@@ -109,13 +119,20 @@ class TunDevice:
         return cls(fd, name, mtu, offloads, refused)
 
     def read_batch(self, limit: int = 64) -> list[bytes]:
-        """Up to `limit` packets that are waiting (empty when none)."""
-        packets = []
+        """Up to `limit` packets that are waiting (empty when none). After the first read a
+        zero-timeout poll asks whether more wait: a lone packet then costs no failed read
+        (whose BlockingIOError is dearer than the poll); a burst is drained until EAGAIN."""
         read = os.read
-        size = self._read_size
-        for _ in range(limit):
+        fd, size = self.fd, self._read_size
+        try:
+            packets = [read(fd, size)]
+        except BlockingIOError:
+            return []
+        if limit < 2 or not self._poll.poll(0):
+            return packets
+        for _ in range(limit - 1):
             try:
-                packets.append(read(self.fd, size))
+                packets.append(read(fd, size))
             except BlockingIOError:
                 break
         return packets

@@ -120,6 +120,16 @@ FRAGMENT_PART = 1406
 1380-byte packet with its 10-byte offload header fits in one 1421-byte datagram, which leaves
 room for outer IPv4 + UDP (28) and TURN ChannelData (4) within 1500."""
 
+
+def whole_message_packet(send_bytes: int, part: int = FRAGMENT_PART) -> int:
+    """The largest IP packet an offload frame may carry for its 0xE4 message (parts of `part`
+    bytes, each with its 15-byte header) to fit one UDP GSO send of `send_bytes`, so that it
+    arrives as one coalesced read the receiver takes whole (the agent caps the TUN device's
+    `gso_max_size` at this: 63 244 bytes for 65 000-byte sends of 1406-byte parts)."""
+    fragments = min(MAX_FRAGMENTS, send_bytes // (part + FRAGMENT_HEADER.size))
+    return fragments * part - TAGLEN - 10  # 10: the frame's virtio_net_hdr
+
+
 CAP_MARKER = 0x80
 """Set in the low byte of the handshake timestamp by agents that announce capabilities."""
 CAP_FRAGMENTS = 0x01

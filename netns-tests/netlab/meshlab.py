@@ -35,8 +35,10 @@ def mesh_topology(name: str, sites: Mapping[str, Mapping[str, Any]],
     node k's pods are 10.244.k.0/24 (masqueraded out, like Docker).
 
     Site options: `nat` (a `netlab.nat` kind; `none` is a plain routed, public site),
-    `nodes` (may be empty: a pure outer router), `hairpin`, and `behind: SITE`, which puts the
-    router's WAN on that site's LAN instead of the internet (double NAT, carrier-grade NAT)."""
+    `nodes` (may be empty: a pure outer router), `hairpin`, `behind: SITE`, which puts the
+    router's WAN on that site's LAN instead of the internet (double NAT, carrier-grade NAT),
+    and `link` (a `netlab` link spec, e.g. {"rateMbit": 100, "delayMs": 5}: the router's WAN
+    attachment shaped like an edge uplink)."""
     segments: dict[str, Any] = {"inet": {"subnet": INTERNET}}
     routers: dict[str, Any] = {}
     hosts: dict[str, Any] = {"cloud": {"segment": "inet"}}
@@ -48,6 +50,8 @@ def mesh_topology(name: str, sites: Mapping[str, Mapping[str, Any]],
         segments[site] = {"subnet": f"10.10.{i}.0/24"}
         routers[f"r{site}"] = {"wan": outer or "inet", "lan": [site], "nat": spec["nat"],
                                "firewall": True, "hairpin": bool(spec.get("hairpin"))}
+        if spec.get("link"):
+            routers[f"r{site}"]["link"] = dict(spec["link"])
         for node in spec.get("nodes", []):
             k += 1
             hosts[node] = {"segment": site, "pods": pods, "podSubnet": f"10.244.{k}.0/24"}

@@ -1,8 +1,9 @@
 """The quick run of a benchmark suite, as every tests/bench test uses it.
 
-`quick_report(suite, tools, timeout)` runs `python -m bench SUITE --quick --json`, skips (or, in
-CI, fails) when not root or a tool is missing, checks the exit code, that no namespace of the
-bench process is left behind, and the report's frame, and returns the parsed report.
+`quick_report(suite, tools, timeout, args=())` runs `python -m bench SUITE --quick --json ARGS`
+(ARGS: the suite's own flags), skips (or, in CI, fails) when not root or a tool is missing,
+checks the exit code, that no namespace of the bench process is left behind, and the report's
+frame, and returns the parsed report.
 """
 
 from __future__ import annotations
@@ -17,12 +18,13 @@ from typing import Any
 
 import pytest
 
-QuickReport = Callable[[str, Sequence[str], float], dict[str, Any]]
+QuickReport = Callable[..., dict[str, Any]]  # (suite, tools, timeout, args=())
 
 
 @pytest.fixture
 def quick_report() -> QuickReport:
-    def run(suite: str, tools: Sequence[str], timeout: float) -> dict[str, Any]:
+    def run(suite: str, tools: Sequence[str], timeout: float,
+            args: Sequence[str] = ()) -> dict[str, Any]:
         problem = "needs root" if os.geteuid() != 0 else ""
         absent = [t for t in tools if shutil.which(t) is None]
         if absent:
@@ -31,7 +33,8 @@ def quick_report() -> QuickReport:
             if os.environ.get("CI"):
                 pytest.fail(f"bench {suite} {problem}")  # CI must never skip a benchmark
             pytest.skip(problem)
-        proc = subprocess.Popen([sys.executable, "-m", "bench", suite, "--quick", "--json"],
+        proc = subprocess.Popen([sys.executable, "-m", "bench", suite, "--quick", "--json",
+                                 *args],
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         try:
             out, err = proc.communicate(timeout=timeout)

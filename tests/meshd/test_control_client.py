@@ -36,6 +36,7 @@ from meshd.control.wire import (
     FrameDecoder,
     Hello,
     Message,
+    Nat,
     NatSummary,
     PeerInfo,
     PeerJoined,
@@ -381,3 +382,92 @@ def test_any_bytes_from_the_server_never_raise(chunks: list[bytes], welcomed: bo
     d.advance(30.0)
     assert d.client.state in (ClientState.READY, ClientState.HELLO_SENT, ClientState.BACKOFF,
                               ClientState.CONNECTING)
+
+
+# --- NAT reports and versions ---------------------------------------------------------------------
+
+PR = NatSummary("port-restricted", "endpoint-independent", "address-and-port-dependent")
+SYM = NatSummary("symmetric", "address-and-port-dependent")
+
+
+def test_report_nat_sends_a_nat_message_in_a_version_2_session_once_per_change() -> None:
+    d = Driver()
+    d.ready()
+    assert d.client.version == 2
+    d.sent.clear()
+    d.client.report_nat(PR, d.now)
+    d.client.report_nat(PR, d.now)
+    d.drain()
+    assert d.sent == [Nat(PR)] and d.client.nat == PR
+
+
+def test_a_nat_reported_while_disconnected_rides_on_the_next_hello() -> None:
+    d = Driver()
+    d.client.report_nat(SYM, d.now)  # not ready: kept
+    d.ready()
+    assert d.sent[0] == Hello(KEY, 2, SYM, d.client.config.software)
+    assert Nat(SYM) not in d.sent  # the hello said it already
+
+
+def test_a_nat_reported_while_the_hello_is_on_its_way_follows_the_welcome() -> None:
+    d = Driver()
+    d.client.start(d.now)
+    d.drain()
+    d.connect()
+    d.client.report_nat(PR, d.now)
+    d.drain()
+    assert d.sent == [Hello(KEY, 2, None, d.client.config.software)]
+    d.welcome()
+    assert d.sent[-1] == Nat(PR)
+
+
+def test_a_version_1_session_never_sends_nat() -> None:
+    d = Driver()
+    d.client.start(d.now)
+    d.drain()
+    d.connect()
+    d.feed(Welcome("edge-1", OVERLAY, 1.7e9, 5.0, 15.0, GRANT, 1), Peers(()))
+    d.sent.clear()
+    d.client.report_nat(PR, d.now)
+    d.drain()
+    assert d.sent == [] and d.client.version == 1
+
+
+def test_an_old_server_refusing_version_2_gets_a_version_1_hello_until_the_session_ends(
+        caplog: pytest.LogCaptureFixture) -> None:
+    d = Driver()
+    d.client.start(d.now)
+    d.drain()
+    d.connect()
+    assert isinstance(d.sent[-1], Hello) and d.sent[-1].version == 2
+    with caplog.at_level(logging.INFO, "meshd.control"):
+        d.feed(Error("unsupported-version", "version 2 is not 1"))
+        d.client.connection_lost("closed by the server", d.now)
+        d.drain()
+    assert "control.version_fallback" in caplog.text and "control.refused" not in caplog.text
+    assert d.client.refusals == 0
+    d.advance(1.0)
+    d.connect()
+    assert d.sent[-1] == Hello(KEY, 1, None, d.client.config.software)
+    d.feed(Welcome("edge-1", OVERLAY, 1.7e9, 5.0, 15.0, GRANT, 1), Peers(()))
+    d.client.connection_lost("reset", d.now)  # a session ended: the server may be newer now
+    d.drain()
+    d.advance(3.0)
+    d.connect()
+    assert isinstance(d.sent[-1], Hello) and d.sent[-1].version == 2
+
+
+def test_an_unsupported_version_at_version_1_is_a_refusal() -> None:
+    d = Driver(version=1)
+    d.client.start(d.now)
+    d.drain()
+    d.connect()
+    d.feed(Error("unsupported-version", "version 1 is older than 3"))
+    d.client.connection_lost("closed by the server", d.now)
+    assert d.client.refusals == 1
+    assert "unsupported-version" in (d.client.last_error or "")
+
+
+def test_config_version_range() -> None:
+    with pytest.raises(ValueError, match="version"):
+        ControlClientConfig(KEY, version=3)

@@ -193,3 +193,38 @@ def test_overlay_network_from_config() -> None:
     welcome = welcomes(plane.events("edge-1"))[0]
     assert welcome.overlay.network == ipaddress.IPv4Network("10.200.0.0/24")
     assert welcome.turn is None
+
+
+def test_a_nat_report_reaches_every_peer_and_survives_a_reconnect() -> None:
+    from meshd.control.wire import NatSummary
+    plane = plane_with()
+    for node in NODES:
+        plane.events(node)
+    nat = NatSummary("full-cone", "endpoint-independent", "endpoint-independent")
+    plane.client("edge-1").report_nat(nat, plane.now)
+    plane.pump()
+    for other in ("edge-2", "edge-3"):
+        changed = [e for e in plane.events(other) if isinstance(e, PeersChanged)]
+        assert [e.changed for e in changed] == [("edge-1",)]
+        assert changed[0].peers["edge-1"].nat == nat
+    plane.crash_server()
+    assert plane.server is None
+    plane.start_server(ControlServer(CONFIG, MemoryRegistryStore()))  # a registry lost too
+    plane.advance(5.0)
+    assert plane.client("edge-2").peers["edge-1"].nat == nat  # the hello carried it again
+
+
+def test_an_old_agent_and_a_new_one_share_a_server() -> None:
+    from meshd.control.wire import NatSummary
+    plane = MemoryControlPlane(ControlServer(CONFIG, MemoryRegistryStore()))
+    plane.add("old", ControlClient(ControlClientConfig(key("old"), version=1), random.Random(1)))
+    plane.add("new", client("new", 2))
+    plane.start("old")
+    plane.start("new")
+    assert plane.client("old").version == 1 and plane.client("new").version == 2
+    plane.client("old").report_nat(NatSummary("symmetric"), plane.now)  # waits for a hello
+    plane.client("new").report_nat(NatSummary("public"), plane.now)
+    plane.pump()
+    assert plane.client("old").peers["new"].nat == NatSummary("public")
+    assert plane.client("new").peers["old"].nat is None
+    assert plane.client("old").state is ClientState.READY

@@ -17,6 +17,7 @@ from meshd.control.registry import (
     RegistryFull,
     RegistryStoreError,
 )
+from meshd.control.wire import NatSummary
 
 NET = ipaddress.IPv4Network("100.64.0.0/16")
 K1, K2 = b"\x01" * 32, b"\x02" * 32
@@ -107,6 +108,10 @@ def test_json_store_round_trip_and_file_format(tmp_path: Path) -> None:
      "also a's"),
     ('{"version": 1, "nodes": {"a": {"overlay": "1.2.3.4", "staticKey": "AAEC"}}}',
      "staticKey"),
+    ('{"version": 1, "nodes": {"a": {"overlay": "1.2.3.4", "nat": {"natType": "cone"}}}}',
+     "nodes.a.nat.natType"),
+    ('{"version": 1, "nodes": {"a": {"overlay": "1.2.3.4", "nat": {"natType": "symmetric", '
+     '"mapping": "random"}}}}', "nodes.a.nat.mapping"),
 ])
 def test_json_store_errors_name_the_file(tmp_path: Path, text: str, error: str) -> None:
     path = tmp_path / REGISTRY_FILE
@@ -122,3 +127,37 @@ def test_json_store_write_failure_is_a_store_error(tmp_path: Path) -> None:
     store = JsonRegistryStore(blocker / REGISTRY_FILE)  # parent is a file
     with pytest.raises(RegistryStoreError, match="cannot write"):
         store.save({}, NET)
+
+
+PR = NatSummary("port-restricted", "endpoint-independent", "address-and-port-dependent")
+
+
+def test_nat_is_persisted_saved_only_on_change_and_kept_across_key_changes(
+        tmp_path: Path) -> None:
+    path = tmp_path / REGISTRY_FILE
+    registry = Registry(NET, JsonRegistryStore(path))
+    a = registry.register("edge-1", K1)
+    assert a.nat is None
+    registry.set_nat("edge-1", PR)
+    written = path.stat().st_mtime_ns
+    registry.set_nat("edge-1", PR)  # unchanged: no write
+    assert path.stat().st_mtime_ns == written
+    assert json.loads(path.read_text())["nodes"]["edge-1"]["nat"] == {
+        "natType": "port-restricted", "mapping": "endpoint-independent",
+        "filtering": "address-and-port-dependent"}
+    reloaded = Registry(NET, JsonRegistryStore(path))
+    assert reloaded.get("edge-1") == NodeRecord(a.overlay, K1, PR)
+    assert reloaded.register("edge-1", K2).nat == PR  # a new key keeps the last NAT
+    reloaded.set_nat("edge-1", NatSummary("unknown"))
+    assert json.loads(path.read_text())["nodes"]["edge-1"]["nat"] == {"natType": "unknown"}
+
+
+def test_set_nat_failure_changes_nothing() -> None:
+    store = MemoryRegistryStore()
+    registry = Registry(NET, store)
+    registry.register("edge-1", K1)
+    store.fail = "disk full"
+    with pytest.raises(RegistryStoreError, match="disk full"):
+        registry.set_nat("edge-1", PR)
+    record = registry.get("edge-1")
+    assert record is not None and record.nat is None

@@ -32,6 +32,7 @@ from meshd.control.wire import (
     FrameDecoder,
     Hello,
     Message,
+    Nat,
     NatSummary,
     PeerInfo,
     PeerJoined,
@@ -410,9 +411,16 @@ def test_server_only_messages_from_an_agent_are_protocol_errors(message: Message
 def test_unsupported_version() -> None:
     h = Harness()
     conn = h.connect("a")
-    h.send(conn, Hello(K["a"], version=2))
-    assert h.msgs(conn) == [Error("unsupported-version", "version 2 is not 1")]
+    h.send(conn, Hello(K["a"], version=0))
+    assert h.msgs(conn) == [Error("unsupported-version", "version 0 is older than 1")]
     assert h.server.metrics.refused == {"unsupported-version": 1}
+
+
+@pytest.mark.parametrize(("hello", "session"), [(1, 1), (2, 2), (7, 2)])
+def test_the_session_speaks_the_older_version(hello: int, session: int) -> None:
+    h = Harness()
+    conn = h.join("a", version=hello)
+    assert welcome_of(h, conn).version == session
 
 
 def test_second_hello_is_a_protocol_error() -> None:
@@ -486,3 +494,86 @@ def test_any_bytes_from_an_agent_never_raise(chunks: list[bytes], hello_first: b
     h.advance(60.0)
     assert h.server.online() in ([], ["b"], ["a", "b"], ["a"])
     del other
+
+
+# --- NAT reports ----------------------------------------------------------------------------------
+
+PR = NatSummary("port-restricted", "endpoint-independent", "address-and-port-dependent")
+SYM = NatSummary("symmetric", "address-and-port-dependent", "address-and-port-dependent")
+
+
+def test_a_nat_message_is_stored_and_announced_to_the_others() -> None:
+    h = Harness()
+    a, b, c = h.join("a"), h.join("b"), h.join("c")
+    h.msgs(a), h.msgs(b), h.msgs(c)
+    saves = h.store.saves
+    h.send(a, Nat(PR))
+    assert h.msgs(a) == []
+    for other in (b, c):
+        (joined,) = h.of(other, PeerJoined)
+        assert (joined.peer.node, joined.peer.nat, joined.peer.online) == ("a", PR, True)
+    assert h.store.records["a"].nat == PR and h.store.saves == saves + 1
+    assert h.server.peer_table()["a"].nat == PR
+    h.send(a, Nat(PR))  # no change: no write, no announcement
+    assert h.of(b, PeerJoined) == [] and h.store.saves == saves + 1
+    assert h.server.metrics.nat_reports == 1
+    samples = {(n, tuple(sorted(lbl.items()))): v for n, lbl, v in h.server.samples()}
+    assert samples[("meshd_control_nat_reports_total", ())] == 1
+    assert samples[("meshd_control_nodes_online_by_nat", (("natType", "port-restricted"),))] == 1
+    assert samples[("meshd_control_nodes_online_by_nat", (("natType", "unknown"),))] == 2
+
+
+def test_a_nat_message_in_a_version_1_session_is_a_protocol_error() -> None:
+    h = Harness()
+    a = h.join("a", version=1)
+    h.send(a, Nat(PR))
+    assert h.closed[a] == "protocol"
+    (error,) = h.of(a, Error)
+    assert "nat needs protocol version 2" in error.message
+
+
+def test_a_nat_message_before_the_hello_is_a_protocol_error() -> None:
+    h = Harness()
+    conn = h.connect("a")
+    h.send(conn, Nat(PR))
+    assert h.closed[conn] == "protocol"
+
+
+def test_the_nat_survives_offline_and_a_server_restart_and_a_new_hello_without_one() -> None:
+    store = MemoryRegistryStore()
+    h = Harness(store)
+    a, b = h.join("a", nat=SYM), h.join("b")
+    assert h.store.records["a"].nat == SYM
+    h.lose(a)
+    assert h.server.peer_table()["a"].nat == SYM  # listed offline, with its NAT
+    restarted = Harness(store)
+    b = restarted.join("b")
+    (peers,) = restarted.of(b, Peers)
+    assert [(p.node, p.online, p.nat) for p in peers.peers] == [("a", False, SYM)]
+    a = restarted.join("a")  # a hello without a NAT keeps the last one (it re-learns soon)
+    (joined,) = restarted.of(b, PeerJoined)
+    assert joined.peer.nat == SYM and joined.peer.online
+
+
+def test_nat_messages_share_the_signal_rate_limit() -> None:
+    h = Harness(signal_burst=2, signals_per_s=1.0)
+    a, b = h.join("a"), h.join("b")
+    h.msgs(a), h.msgs(b)
+    h.send(a, Nat(PR), Nat(SYM), Nat(PR))
+    assert h.of(a, Error) == [Error("rate-limited", "nat: over 1 messages/s")]
+    assert [j.peer.nat for j in h.of(b, PeerJoined)] == [PR, SYM]
+    h.advance(1.0)
+    h.send(a, Nat(PR))
+    assert [j.peer.nat for j in h.of(b, PeerJoined)] == [PR]
+
+
+def test_a_registry_failure_on_a_nat_report_keeps_the_session() -> None:
+    h = Harness()
+    a, b = h.join("a"), h.join("b")
+    h.msgs(b)
+    h.store.fail = "disk full"
+    h.send(a, Nat(PR))
+    assert a not in h.closed and h.of(b, PeerJoined) == []
+    h.store.fail = ""
+    h.send(a, Nat(PR))
+    assert [j.peer.nat for j in h.of(b, PeerJoined)] == [PR]

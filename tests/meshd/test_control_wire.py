@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import re
 import struct
 from typing import Any
 
@@ -12,14 +13,17 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from meshd.control.wire import (
+    BEHAVIOURS,
     CLIENT_MAX_FRAME,
     MAX_PAYLOAD_DEPTH,
+    NAT_TYPES,
     ControlProtocolError,
     Credentials,
     Error,
     FrameDecoder,
     Hello,
     Message,
+    Nat,
     NatSummary,
     PeerInfo,
     PeerJoined,
@@ -64,7 +68,7 @@ def test_frame_layout_vectors() -> None:
     assert encode_frame(Ping(7)) == b'\x00\x00\x00\x17{"type":"ping","seq":7}'
     assert encode_frame(Hello(KEY, software="meshd 0.1")) == (
         b"\x00\x00\x00\x6e"
-        b'{"type":"hello","version":1,"staticKey":"' + KEY_B64.encode() + b'",'
+        b'{"type":"hello","version":2,"staticKey":"' + KEY_B64.encode() + b'",'
         b'"software":"meshd 0.1"}')
     assert encode_frame(Signal("edge-2", {"v": 1, "cands": ["host 10.0.0.1 4000 1 a"]})) == (
         b'\x00\x00\x00\x56{"type":"signal","peer":"edge-2",'
@@ -78,7 +82,7 @@ def test_welcome_and_peer_documents() -> None:
     welcome = Welcome("edge-1", ipaddress.IPv4Interface("100.64.0.7/16"), 1700000000.5, 5.0,
                       15.0, GRANT)
     assert json.loads(encode_body(welcome)) == {
-        "type": "welcome", "version": 1, "node": "edge-1", "overlay": "100.64.0.7/16",
+        "type": "welcome", "version": 2, "node": "edge-1", "overlay": "100.64.0.7/16",
         "serverTime": 1700000000.5, "keepaliveS": 5.0, "idleTimeoutS": 15.0,
         "turn": {"username": "1700003600:edge-1", "password": "a4sSlVmxM17LyIhxZIN6voVMbGA=",
                  "expiresAt": 1700003600, "realm": "edgeweave",
@@ -106,6 +110,9 @@ ALL: list[Message] = [
     PeerLeft("edge-2"),
     Signal("edge-2", {}),
     Signal("edge-2", {"v": 1, "gen": 3, "nested": {"a": [1, 2.5, None, True, "é"]}}),
+    Nat(NatSummary("unknown")),
+    Nat(NatSummary("port-restricted", "endpoint-independent", "address-and-port-dependent")),
+    Nat(NatSummary("unknown", None, "endpoint-independent")),
     Ping(0),
     Pong(2**53),
     Error("protocol", ""),
@@ -131,7 +138,40 @@ def test_hello_cannot_name_a_node_or_an_address() -> None:
     # Who the node is comes from its certificate; fields claiming otherwise are just ignored.
     hello = parse_body(body_of(type="hello", version=1, staticKey=KEY_B64, node="edge-9",
                                overlay="100.64.0.1"))
-    assert hello == Hello(KEY)
+    assert hello == Hello(KEY, 1)
+
+
+def test_nat_document() -> None:
+    nat = Nat(NatSummary("symmetric", "address-and-port-dependent"))
+    assert json.loads(encode_body(nat)) == {
+        "type": "nat", "natType": "symmetric", "mapping": "address-and-port-dependent"}
+    assert parse_body(body_of(type="nat", natType="full-cone", mapping=None,
+                              filtering="endpoint-independent", later="ignored")) == Nat(
+        NatSummary("full-cone", None, "endpoint-independent"))
+
+
+@pytest.mark.parametrize(("doc", "error"), [
+    ({}, "nat.natType: expected a non-empty string"),
+    ({"natType": "fullcone"}, "nat.natType: expected one of full-cone, "),
+    ({"natType": "symmetric", "mapping": "random"}, "nat.mapping: expected one of "),
+    ({"natType": "symmetric", "filtering": 3}, "nat.filtering: expected a non-empty string"),
+    ({"natType": 'unknown"} x{y="1'}, "nat.natType: expected one of"),
+])
+def test_agents_may_only_name_known_nat_values(doc: dict[str, Any], error: str) -> None:
+    # What an agent says about itself ends up in peers' metric labels: known values only.
+    with pytest.raises(ControlProtocolError, match=re.escape(error)):
+        parse_body(body_of(type="nat", **doc))
+    with pytest.raises(ControlProtocolError, match=r"hello\.nat"):
+        parse_body(body_of(type="hello", version=2, staticKey=KEY_B64, nat=doc))
+
+
+def test_peer_nat_values_a_newer_server_invents_read_as_unknown() -> None:
+    doc = {"node": "edge-2", "overlay": "100.64.3.9", "staticKey": KEY_B64, "online": True,
+           "nat": {"natType": "quantum", "mapping": "endpoint-independent",
+                   "filtering": "teleporting"}}
+    assert parse_body(body_of(type="peerJoined", peer=doc)) == PeerJoined(PeerInfo(
+        "edge-2", ipaddress.IPv4Address("100.64.3.9"), KEY, True,
+        NatSummary("unknown", "endpoint-independent", None)))
 
 
 @pytest.mark.parametrize(("body", "error"), [
@@ -295,9 +335,10 @@ json_values = st.recursive(
     max_leaves=12)
 fields = st.sampled_from(["type", "seq", "version", "staticKey", "node", "peer", "payload",
                           "overlay", "turn", "peers", "peer", "code", "message", "online",
-                          "serverTime", "keepaliveS", "idleTimeoutS", "nat", "groups"])
+                          "serverTime", "keepaliveS", "idleTimeoutS", "nat", "groups",
+                          "natType", "mapping", "filtering"])
 types = st.sampled_from(["hello", "welcome", "credentials", "peers", "peerJoined", "peerLeft",
-                         "signal", "ping", "pong", "error", "x"])
+                         "signal", "nat", "ping", "pong", "error", "x"])
 
 
 @settings(max_examples=600, deadline=None)
@@ -318,8 +359,9 @@ def test_json_shaped_garbage_parses_or_raises_protocol_error(kind: str,
 
 names = st.from_regex(r"[a-z0-9]([a-z0-9-]{0,10}[a-z0-9])?", fullmatch=True)
 keys = st.binary(min_size=32, max_size=32)
-nats = st.none() | st.builds(NatSummary, st.text(min_size=1, max_size=10),
-                             st.none() | st.text(min_size=1, max_size=5))
+behaviours = st.none() | st.sampled_from(sorted(BEHAVIOURS))
+summaries = st.builds(NatSummary, st.sampled_from(sorted(NAT_TYPES)), behaviours, behaviours)
+nats = st.none() | summaries
 peers = st.builds(PeerInfo, names, st.ip_addresses(v=4), keys, st.booleans(), nats,
                   st.lists(st.text(min_size=1, max_size=5), max_size=2).map(tuple))
 payloads = st.dictionaries(st.text(max_size=5), json_values.filter(
@@ -331,6 +373,7 @@ messages: st.SearchStrategy[Message] = st.one_of(
     st.builds(Peers, st.lists(peers, max_size=3).map(tuple)),
     st.builds(PeerLeft, names),
     st.builds(Signal, names, payloads),
+    st.builds(Nat, summaries),
     st.builds(Ping, st.integers(0, 2**63 - 1)),
     st.builds(Pong, st.integers(0, 2**63 - 1)),
     st.builds(Error, st.text(min_size=1, max_size=10), st.text(max_size=10),

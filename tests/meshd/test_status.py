@@ -47,3 +47,28 @@ def test_no_agent_is_one_line() -> None:
                            f"127.0.0.1:{port}"], capture_output=True, text=True, timeout=30)
     assert proc.returncode == 2
     assert proc.stderr.count("\n") == 1 and "no agent answers" in proc.stderr
+
+
+def test_tunnel_part_shows_our_nat_and_each_peers() -> None:
+    doc = status_document(catalog(), rules_in_place=True)
+    peer = {"node": "edge-2", "overlay": "100.64.0.2", "online": True, "state": "direct",
+            "path": "direct", "endpoint": "198.51.100.9:4000", "rttMs": 1.25, "bytesIn": 10,
+            "bytesOut": 20, "lastHandshake": None, "nat": "symmetric"}
+    old = {**peer, "node": "edge-3", "overlay": "100.64.0.3"}
+    del old["nat"]  # an agent without the field (older status documents)
+    doc["tunnel"] = {"interface": "mesh0", "overlay": "100.64.0.1/16", "local": "10.0.0.1:5000",
+                     "relayed": None, "control": "ready", "peers": [peer, old],
+                     "nat": {"natType": "port-restricted", "mapping": "endpoint-independent",
+                             "filtering": "address-and-port-dependent"}}
+    lines = render_status(doc).splitlines()
+    head = next(line for line in lines if line.startswith("tunnel "))
+    assert head.endswith("NAT port-restricted (endpoint-independent mapping, "
+                         "address-and-port-dependent filtering)")
+    table = lines[lines.index(head) + 1:]
+    assert table[0].split()[:4] == ["PEER", "OVERLAY", "NAT", "PATH"]
+    assert table[1].split()[:4] == ["edge-2", "100.64.0.2", "symmetric", "direct"]
+    assert table[2].split()[:3] == ["edge-3", "100.64.0.3", "unknown"]
+    doc["tunnel"]["nat"] = None
+    assert "NAT not classified yet" in render_status(doc)
+    doc["tunnel"]["nat"] = {"natType": "unknown"}  # a server without an alternate address
+    assert render_status(doc).count("NAT unknown") == 1

@@ -21,14 +21,15 @@ from meshd.control.client import ControlClient, ControlClientConfig
 from meshd.control.memory import MemoryControlPlane
 from meshd.control.registry import MemoryRegistryStore
 from meshd.control.server import ControlServer, ControlServerConfig
+from meshd.control.wire import NatSummary
 from meshd.simnet import APDF, APDM, EIF, EIM, SimNat, SimNetwork
 from meshd.stun.server import ServerAddresses, StunServer
-from meshd.tunnel.mesh import MeshConfig, MeshNode, PeerPathChanged
+from meshd.tunnel.mesh import MeshConfig, MeshEvent, MeshNode, PeerPathChanged, ReflexiveChanged
 from meshd.tunnel.noise import public_bytes
 from meshd.tunnel.punch import PunchConfig
 from meshd.turn.ports import MemoryRelayPorts
 from meshd.turn.server import TurnServer, TurnServerConfig
-from meshd.udp import Address, Transmit
+from meshd.udp import Address, Transmit, format_address
 
 EPOCH = 1_700_000_000.0
 CERT_TIME = dt.datetime(2026, 3, 1, 12, 0, tzinfo=dt.UTC)
@@ -304,3 +305,95 @@ def test_server_restart_direct_keeps_flowing_relayed_recovers() -> None:
             world.run(0.3)
             assert packet in world.tun[dst]
         assert world.path("edge-a", "edge-c") == "direct"
+
+
+# --- the mesh: reflexive address events and NAT class labels -------------------------------------
+
+
+class EventWorld(World):
+    """`World` that also keeps the mesh events it does not look at."""
+
+    def __init__(self, seed: int = 1) -> None:
+        super().__init__(seed)
+        self.all_events: dict[str, list[MeshEvent]] = {}
+
+    def _collect(self, name: str) -> None:
+        node = self.nodes[name]
+        while (ev := node.next_event()) is not None:
+            self.all_events.setdefault(name, []).append(ev)
+            if isinstance(ev, PeerPathChanged):
+                self.events[name].append(ev)
+
+
+@pytest.mark.parametrize(("nat_a", "nat_b", "label_a", "label_b"), [
+    (PORT_RESTRICTED, FULL_CONE, "port-restricted", "full-cone"),
+    (SYMMETRIC, PORT_RESTRICTED, "symmetric", "port-restricted"),
+])
+def test_punch_metrics_are_labelled_with_both_nat_classes(
+        nat_a: dict[str, Any], nat_b: dict[str, Any], label_a: str, label_b: str) -> None:
+    world = two_nodes(nat_a, nat_b)
+    world.plane.client("edge-a").report_nat(NatSummary(label_a), world.plane.now)
+    world.plane.client("edge-b").report_nat(NatSummary(label_b), world.plane.now)
+    world.run(3.0)
+    a, b = world.nodes["edge-a"].metrics, world.nodes["edge-b"].metrics
+    assert set(a.punch_attempts) == {(label_a, label_b)}
+    assert set(b.punch_attempts) == {(label_b, label_a)}
+    for m in (a, b):
+        assert all(m.punch_successes.get(k, 0) <= n for k, n in m.punch_attempts.items())
+    direct = world.path("edge-a", "edge-b") == "direct"
+    assert bool(a.punch_successes) == direct
+    (row,) = world.nodes["edge-a"].peer_status()
+    assert row.nat == label_b and row.as_dict()["nat"] == label_b
+
+
+def test_labels_are_unknown_until_classified_and_a_late_class_counts_from_the_next_round(
+        ) -> None:
+    world = two_nodes(PORT_RESTRICTED, PORT_RESTRICTED)
+    world.run(3.0)
+    a = world.nodes["edge-a"]
+    assert set(a.metrics.punch_attempts) == {("unknown", "unknown")}
+    assert a.metrics.punch_successes == {("unknown", "unknown"): 1}  # the round's labels
+    assert a.peer_status()[0].nat == "unknown"
+    world.plane.client("edge-b").report_nat(NatSummary("port-restricted"), world.plane.now)
+    world.run(0.5)
+    assert a.peer_status()[0].nat == "port-restricted"  # via the server's peerJoined
+
+
+def test_the_reflexive_address_is_an_event_once_per_change() -> None:
+    world = EventWorld()
+    world.net.add_nat(SimNat("203.0.113.1", "10.0.1.0/24", **PORT_RESTRICTED))
+    node = world.add("edge-a", ("10.0.1.2", 41641))
+    world.run(2.0)
+    changes = [e for e in world.all_events.get("edge-a", []) if isinstance(e, ReflexiveChanged)]
+    assert changes == [ReflexiveChanged(("203.0.113.1", 41641))]
+    assert node.reflexive_address == ("203.0.113.1", 41641)
+
+
+def test_data_follows_the_path_at_every_moment() -> None:
+    """`send_packets` addresses direct datagrams from the last path change it saw: at every
+    step (direct; edge-b's NAT loses its state and maps a new port; relay; direct to the new
+    port) they go where the path machine says."""
+    world = World(3)
+    world.net.add_nat(SimNat("203.0.113.1", "10.0.1.0/24", **PORT_RESTRICTED))
+    nat = world.net.add_nat(SimNat("203.0.113.2", "10.0.2.0/24", mapping=EIM, filtering=APDF))
+    a, b = world.add("edge-a", ("10.0.1.2", 41641)), world.add("edge-b", ("10.0.2.2", 52113))
+    seen, endpoints = set(), set()
+    with world.traced():
+        world.run(0.3)
+        for step in range(150):
+            if step == 30:
+                nat.flush()  # NAT state loss: the path machines find a new pair
+            assert a.overlay is not None and b.overlay is not None
+            packet = ip_packet(a.overlay.ip, b.overlay.ip, b"step %d" % step)
+            status = {p.node: p for p in a.peer_status()}["edge-b"]
+            for t in a.send_packets([packet], world.net.now):
+                seen.add(status.path)
+                if status.path == "direct":
+                    endpoints.add(status.endpoint)
+                    assert (t.source, format_address(t.destination)) == (a.local,
+                                                                          status.endpoint)
+                else:
+                    assert t.destination == STUN  # through the relay
+                world.net.send(t)
+            world.run(0.1)
+    assert seen == {"direct", "relay"} and len(endpoints) == 2, (seen, endpoints)

@@ -17,6 +17,7 @@ def test_throughput_script_reports_json(capsys: pytest.CaptureFixture[str]) -> N
     names = [r["what"] for r in report["results"]]
     assert "encrypt + decrypt, one core" in names
     assert "20000-byte frames: both, one core" in names  # offload frames, 0xE4 fragments
+    assert "20000-byte frames: decrypt whole reads (GRO)" in names  # one read per message
     assert all(r["packets_per_s"] > 0 for r in report["results"])
 
 

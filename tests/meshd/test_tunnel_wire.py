@@ -41,6 +41,7 @@ from meshd.tunnel.wire import (
     parse_response,
     stamp_capabilities,
     timestamp_capabilities,
+    whole_message_packet,
 )
 
 V4 = ipaddress.IPv4Address("100.64.0.7")
@@ -238,3 +239,13 @@ def test_capabilities_ride_in_the_timestamp_low_byte() -> None:
     assert timestamp_capabilities(old_agent + 1) == 0  # their +1 for same-ns handshakes
     with pytest.raises(ValueError):
         stamp_capabilities(wall, 0, 0x80)
+
+
+def test_a_frame_of_the_whole_message_size_fits_one_gso_send() -> None:
+    size = whole_message_packet(65000)
+    assert size == 63244
+    sealed = bytes(10 + size + 16)  # offload header, packet, tag
+    fragments = encode_fragments(7, 1, sealed)
+    assert len(fragments) == 45 and sum(map(len, fragments)) <= 65000
+    assert len(encode_fragments(7, 1, bytes(len(sealed) + 1))) == 46  # one byte more: 46
+    assert whole_message_packet(65000, part=1025) == 62 * 1025 - 26  # 65000 // 1040 parts

@@ -27,8 +27,10 @@ What it does:
 - TURN credentials (`meshd.turn.credentials`, the "TURN REST API" scheme) in the welcome, and
   fresh ones (`credentials`) when half of their lifetime is gone.
 - Sessions that stay silent for `idle_timeout_s` (agents ping every `keepalive_s`), or send no
-  hello within `hello_timeout_s`, are closed. One sweep timer checks them every
-  `sweep_interval_s`.
+  hello within `hello_timeout_s`, are closed. So is a session whose client certificate expires
+  while it is open (`certificate-expired`): TLS checked validity once, at the handshake
+  (RFC 5280 §6.1.3), and a node must not keep routing signals or minting TURN credentials on
+  an expired identity. One sweep timer checks them every `sweep_interval_s`.
 
 Session states (`TRANSITIONS`):
 
@@ -102,6 +104,8 @@ class ErrorCode(enum.StrEnum):
     """F: no hello in time."""
     IDLE_TIMEOUT = "idle-timeout"
     """F: nothing received for idleTimeoutS."""
+    CERTIFICATE_EXPIRED = "certificate-expired"
+    """F: the client certificate's notAfter passed while connected."""
     SHUTDOWN = "shutdown"
     """F: the server is stopping (reconnect)."""
     BAD_PEER = "bad-peer"
@@ -196,7 +200,7 @@ class ControlMetrics:
     sessions_replaced: int = 0
     """Sessions taken over by a newer connection of the same node."""
     sessions_expired: int = 0
-    """Sessions closed for silence or a missing hello."""
+    """Sessions closed for silence, a missing hello or an expired certificate."""
     protocol_errors: int = 0
     """Connections closed for garbage or out-of-place messages."""
     signals_routed: int = 0
@@ -244,6 +248,7 @@ class _Session:
     tokens: float = 0.0
     tokens_at: float = 0.0
     turn_refresh_at: float | None = None
+    not_after: float | None = None  # the client certificate's expiry (Unix seconds)
 
     def move(self, what: str) -> None:
         self.state = TRANSITIONS[(self.state, what)]
@@ -270,9 +275,11 @@ class ControlServer:
 
     # --- entry points ---------------------------------------------------------------------------
 
-    def connection_made(self, conn: ConnectionId, node: str | None, now: float) -> list[Output]:
+    def connection_made(self, conn: ConnectionId, node: str | None, now: float, *,
+                        not_after: float | None = None) -> list[Output]:
         """A connection passed TLS; `node` is the node name in its client certificate (None if
-        the certificate names no node)."""
+        the certificate names no node), `not_after` when that certificate expires (Unix
+        seconds; the session is closed then)."""
         self.metrics.connections_total += 1
         if node is None or not is_valid_node_name(node):
             self.metrics.auth_failures += 1
@@ -282,7 +289,8 @@ class ControlServer:
                                              "the client certificate names no node")
         self._sessions[conn] = _Session(conn, node, now, now,
                                         FrameDecoder(self.config.max_frame),
-                                        tokens=float(self.config.signal_burst), tokens_at=now)
+                                        tokens=float(self.config.signal_burst), tokens_at=now,
+                                        not_after=not_after)
         if self._next_sweep is None:
             self._next_sweep = now + self.config.sweep_interval_s
         event(log, logging.DEBUG, "control.connect", conn=conn, node=node)
@@ -327,13 +335,20 @@ class ControlServer:
         return self._next_sweep
 
     def handle_timer(self, now: float) -> list[Output]:
-        """Close silent sessions and refresh due TURN credentials."""
+        """Close silent sessions and those whose certificate expired; refresh due TURN
+        credentials."""
         if self._next_sweep is None or now < self._next_sweep:
             return []
         out: list[Output] = []
         cfg = self.config
         for session in list(self._sessions.values()):
-            if session.state is SessionState.AWAIT_HELLO:
+            if session.not_after is not None and now >= session.not_after:
+                self.metrics.sessions_expired += 1
+                event(log, logging.WARNING, "control.certificate_expired", conn=session.conn,
+                      node=session.node)
+                self._fail(session, ErrorCode.CERTIFICATE_EXPIRED,
+                           "the client certificate expired", now, out)
+            elif session.state is SessionState.AWAIT_HELLO:
                 if now - session.connected_at >= cfg.hello_timeout_s:
                     self.metrics.sessions_expired += 1
                     self._fail(session, ErrorCode.HELLO_TIMEOUT, "no hello in time", now, out)
@@ -544,9 +559,12 @@ class ControlServer:
         cfg = self.config
         if cfg.turn_secret is None:
             return None
-        creds = mint_credentials(cfg.turn_secret, session.node, now, cfg.turn_ttl_s)
+        ttl: float = cfg.turn_ttl_s
+        if session.not_after is not None:  # no relay credentials beyond the identity
+            ttl = max(1.0, min(ttl, session.not_after - now))
+        creds = mint_credentials(cfg.turn_secret, session.node, now, ttl)
         self.metrics.credentials_issued += 1
-        session.turn_refresh_at = now + cfg.turn_ttl_s / 2
+        session.turn_refresh_at = now + ttl / 2
         return TurnGrant(creds.username, creds.password, creds.expires, cfg.turn_realm,
                          cfg.turn_servers)
 

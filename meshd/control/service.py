@@ -48,6 +48,31 @@ log = logging.getLogger("meshd.control")
 _READ_SIZE = 65536
 _WRITE_LIMIT = 8 << 20  # an agent that stopped reading: drop it beyond this much queued
 _CLOSE_GRACE_S = 5.0  # a closed connection's queued bytes get this long to leave
+REFUSAL_LOG_S = 60.0
+"""A refused host is logged at WARNING once per this long; its retries in between (agents
+retry every few seconds) are counted and reported with the next warning (`refusals`)."""
+_REFUSAL_HOSTS = 1024  # hosts remembered for that; older entries go first
+
+
+class RefusalLog:
+    """Which refused hosts to warn about now (a refused agent must not flood the log)."""
+
+    def __init__(self, window_s: float = REFUSAL_LOG_S, hosts: int = _REFUSAL_HOSTS) -> None:
+        self._window_s = window_s
+        self._hosts = hosts
+        self._seen: dict[str, tuple[float, int]] = {}  # host -> (last warned, refused since)
+
+    def refused(self, host: str, now: float) -> int | None:
+        """A refusal from `host`: the count of refusals since the last warning (including
+        this one) when it should be warned about now, else None (counted)."""
+        last = self._seen.pop(host, None)  # re-inserted last: the dict stays oldest-first
+        if last is not None and now - last[0] < self._window_s:
+            self._seen[host] = (last[0], last[1] + 1)
+            return None
+        if len(self._seen) >= self._hosts:
+            del self._seen[next(iter(self._seen))]
+        self._seen[host] = (now, 0)
+        return 1 if last is None else last[1] + 1
 
 
 def server_tls_context(cert_file: Path, key_file: Path, ca_file: Path) -> ssl.SSLContext:
@@ -94,6 +119,17 @@ def _reason(exc: BaseException, certificate: str = "") -> str:
     return str(exc) or type(exc).__name__
 
 
+def _not_after(peercert: Mapping[str, Any] | None) -> float | None:
+    """The verified client certificate's notAfter (Unix seconds), None when it has none."""
+    text = peercert.get("notAfter") if peercert else None
+    if not isinstance(text, str):
+        return None
+    try:
+        return float(ssl.cert_time_to_seconds(text))
+    except ValueError:
+        return None
+
+
 # --- server --------------------------------------------------------------------------------------
 
 
@@ -117,6 +153,7 @@ class ControlService:
         self._tasks: set[asyncio.Task[None]] = set()
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
+        self._refusals = RefusalLog()
 
     @classmethod
     async def start(cls, server: ControlServer, tls: ssl.SSLContext, host: str, port: int, *,
@@ -172,15 +209,21 @@ class ControlService:
         except (OSError, TimeoutError) as exc:
             reason = _reason(exc, "client")
             self.server.handshake_failed(reason)
-            event(log, logging.WARNING, "control.tls_refused", peer=where, reason=reason)
+            host = peer[0] if isinstance(peer, tuple) else where
+            count = self._refusals.refused(host, time.monotonic())
+            if count is not None:
+                event(log, logging.WARNING, "control.tls_refused", peer=where, reason=reason,
+                      refusals=count)
             writer.transport.abort()
             return
-        identity = peer_identity(writer.get_extra_info("peercert"))
+        peercert = writer.get_extra_info("peercert")
+        identity = peer_identity(peercert)
         node = identity.node_name if identity is not None else None
+        not_after = _not_after(peercert)
         conn = next(self._ids)
         self._writers[conn] = writer
         event(log, logging.DEBUG, "control.accepted", conn=conn, peer=where, node=node or "-")
-        self._emit(self.server.connection_made(conn, node, self._clock()))
+        self._emit(self.server.connection_made(conn, node, self._clock(), not_after=not_after))
         try:
             while conn in self._writers:
                 data = await reader.read(_READ_SIZE)

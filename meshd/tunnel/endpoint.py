@@ -119,18 +119,17 @@ class TunnelEndpoint:
     def encrypt(self, node: str, packets: Sequence[bytes], now: float) -> list[bytes]:
         """Transport datagrams for packets to `node` (which must have been added)."""
         session = self._sessions[node]
-        out = session.encrypt(packets, now)
-        if session.has_output:
-            self.output_pending = True
-        return out
+        return self._sealed(session, session.encrypt(packets, now))
 
     def encrypt_frames(self, node: str, frames: Sequence[bytes], now: float) -> list[bytes]:
         """Transport datagrams for offload frames to `node` (`TunnelSession.encrypt_frames`)."""
         session = self._sessions[node]
-        out = session.encrypt_frames(frames, now)
-        if session.has_output:
+        return self._sealed(session, session.encrypt_frames(frames, now))
+
+    def _sealed(self, session: TunnelSession, datagrams: list[bytes]) -> list[bytes]:
+        if session.has_output:  # a handshake or rekey started: the adapter must flush
             self.output_pending = True
-        return out
+        return datagrams
 
     def receive(self, datagram: bytes, now: float) -> list[Event]:
         return self.receive_batch((datagram,), now)

@@ -73,9 +73,9 @@ class Harness:
                 assert out.conn not in self.closed, "closed twice"
                 self.closed[out.conn] = out.reason
 
-    def connect(self, node: str | None) -> int:
+    def connect(self, node: str | None, not_after: float | None = None) -> int:
         conn, self._next = self._next, self._next + 1
-        self.take(self.server.connection_made(conn, node, self.now))
+        self.take(self.server.connection_made(conn, node, self.now, not_after=not_after))
         return conn
 
     def send(self, conn: int, *messages: Message) -> None:
@@ -372,6 +372,40 @@ def test_turn_credentials_are_refreshed_at_half_life() -> None:
     (fresh,) = h.of(a, Credentials)
     assert fresh.turn.expires_at == int(T0 + 300) + 600 > first.expires_at
     assert h.server.metrics.credentials_issued == 2
+
+
+def test_a_session_ends_when_its_certificate_expires() -> None:
+    h = Harness(turn_ttl_s=600)
+    a = h.join("a")
+    b = h.connect("b", not_after=T0 + 12.5)
+    h.send(b, Hello(K["b"]))
+    grant = welcome_of(h, b).turn
+    assert grant is not None and grant.expires_at <= T0 + 12.5  # not beyond the identity
+    for _ in range(2):
+        h.advance(5.0)
+        h.send(a, Ping(1))
+        h.send(b, Ping(1))
+    assert b not in h.closed
+    h.advance(3.0)
+    assert h.closed[b] == "certificate-expired"
+    (error,) = [m for m in h.msgs(b) if isinstance(m, Error)]
+    assert error.code == "certificate-expired"
+    assert h.server.online() == ["a"]
+    assert h.of(a, PeerLeft) == [PeerLeft("b")]
+    assert h.server.metrics.refused["certificate-expired"] == 1
+
+
+def test_credentials_refresh_stays_within_the_certificate() -> None:
+    h = Harness(turn_ttl_s=600)
+    b = h.connect("b", not_after=T0 + 100)
+    h.send(b, Hello(K["b"]))
+    assert welcome_of(h, b).turn is not None
+    h.msgs(b)
+    for _ in range(11):  # refresh at half of the 100 s granted
+        h.advance(5.0)
+        h.send(b, Ping(1))
+    (fresh,) = h.of(b, Credentials)
+    assert fresh.turn.expires_at <= T0 + 100
 
 
 # --- garbage and misuse -------------------------------------------------------------------------

@@ -44,6 +44,7 @@ from meshd.control.server import ControlServer, ControlServerConfig
 from meshd.control.service import (
     ControlConnector,
     ControlService,
+    RefusalLog,
     agent_tls_context,
     server_tls_context,
 )
@@ -57,6 +58,7 @@ E = TypeVar("E", bound=ControlEvent)
 class Pki:
     dir: Path
     ca: Path
+    authority: CertificateAuthority
 
     def file(self, name: str) -> Path:
         return self.dir / name
@@ -87,7 +89,7 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
         write_kubeconfig(d / f"{node}.kubeconfig", kubeconfig_document(
             server="https://127.0.0.1:6443", ca_cert_pem=ca.cert_pem(),
             user=f"system:node:{node}", client=issued))
-    return Pki(d, d / "ca.crt")
+    return Pki(d, d / "ca.crt", ca)
 
 
 def run(main: Callable[[], Awaitable[None]]) -> None:
@@ -220,6 +222,55 @@ def test_certificate_from_another_ca_expired_or_none_is_refused_at_the_handshake
     agent_side = [(level, line) for level, line in lines if " control.refused " in line]
     assert agent_side[0][0] == logging.WARNING
     assert "did not accept this node's certificate" in agent_side[0][1]
+
+
+def test_a_session_ends_when_the_certificate_expires_and_refusals_are_logged_once(
+        pki: Pki, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, "meshd.control")
+    ca = pki.authority
+    now = dt.datetime.now(dt.UTC)
+    _write(pki.dir, "short-node", ca.issue_client_cert(  # valid for 2 more seconds
+        node_identity("edge-3"), validity=dt.timedelta(hours=1, seconds=2),
+        now=now - dt.timedelta(hours=1)))
+
+    async def main() -> None:
+        core = server_core(tmp_path)
+        service = await start_service(pki, core)
+        tls = client_context(pki.ca, cert_file=pki.file("short-node.crt"),
+                             key_file=pki.file("short-node.key"))
+        agent = Agent(service.address[1], tls, 3)
+        try:
+            welcomed = await agent.next(Welcomed)
+            assert welcomed.turn is not None
+            assert welcomed.turn.expires_at <= now.timestamp() + 3  # not beyond the identity
+            error = await agent.next(ServerError, timeout=6.0)
+            assert error.code == "certificate-expired"
+            while core.metrics.auth_failures < 3:  # its retries fail the handshake now
+                await asyncio.sleep(0.05)
+            assert core.online() == []
+        finally:
+            await agent.connector.close()
+            await service.close()
+
+    run(main)
+    lines = [KeyValueFormatter().format(r) for r in caplog.records]
+    assert any(" control.certificate_expired " in line and "node=edge-3" in line
+               for line in lines), lines
+    warned = [line for line in lines if " control.tls_refused " in line]
+    assert len(warned) == 1 and "certificate has expired" in warned[0], warned
+
+
+def test_refusals_are_warned_about_once_per_window_per_host() -> None:
+    refusals = RefusalLog(window_s=60.0, hosts=2)
+    assert refusals.refused("10.0.0.1", 0.0) == 1
+    assert refusals.refused("10.0.0.1", 5.0) is None
+    assert refusals.refused("10.0.0.1", 59.0) is None
+    assert refusals.refused("10.0.0.2", 59.0) == 1  # another host is its own
+    assert refusals.refused("10.0.0.1", 61.0) == 3  # the two counted and this one
+    assert refusals.refused("10.0.0.1", 62.0) is None
+    assert refusals.refused("10.0.0.3", 63.0) == 1  # full: the oldest (10.0.0.2) goes
+    assert refusals.refused("10.0.0.2", 64.0) == 1
+    assert refusals.refused("10.0.0.1", 64.0) == 1  # pushed out by 10.0.0.2: forgotten
 
 
 def test_a_ca_certificate_that_names_no_node_is_refused(pki: Pki, tmp_path: Path) -> None:

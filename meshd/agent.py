@@ -34,6 +34,7 @@ from meshd.proxy.server import Proxy
 from meshd.rules import IptablesBackend, RuleError, RuleManager, detect_variant
 from meshd.source import CatalogSource
 from meshd.status import prometheus_samples, status_app, status_document
+from meshd.tunnel.guess import PortGuessConfig
 from meshd.tunnel.mesh import MeshConfig
 from meshd.tunnel.punch import PunchConfig
 from meshd.tunnel.service import TunnelError, TunnelService, TunnelSettings
@@ -86,9 +87,13 @@ async def start_tunnel(config: AgentConfig, tunnel: TunnelConfig) -> TunnelServi
         raise AgentError("tunnel: needs a node kubeconfig (tunnel.kubeconfig or "
                          "agent.kubeconfig) for the node certificate")
     where = tunnel.server_address()
+    guessing = tunnel.port_guessing
     mesh = MeshConfig(stun_server=("0.0.0.0", tunnel.stun_port), relay=tunnel.relay,
                       punch=PunchConfig(keepalive_s=tunnel.keepalive_s,
-                                        prepunch_ttl=tunnel.prepunch_ttl))
+                                        prepunch_ttl=tunnel.prepunch_ttl,
+                                        guess=PortGuessConfig(enabled=guessing.enabled,
+                                                              sockets=guessing.sockets,
+                                                              probes=guessing.probes)))
     settings = TunnelSettings(server_host=where.host, control_port=where.port,
                               stun_port=tunnel.stun_port, kubeconfig=kubeconfig,
                               interface=tunnel.interface, mtu=tunnel.mtu,

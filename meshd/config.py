@@ -304,6 +304,26 @@ class AgentConfig:
 
 
 @dataclass(frozen=True)
+class PortGuessingConfig:
+    """`tunnel.portGuessing:` — birthday-paradox port guessing, so that symmetric ×
+    port-restricted pairs go direct (`meshd.tunnel.guess`; needs NAT classes, i.e. a server
+    with two `stun.addresses`)."""
+
+    enabled: bool = True
+    """Guess (symmetric × port-restricted pairs only, after they decided relay)."""
+    sockets: int = 256
+    """Pool sockets the symmetric side opens (node-wide; each one file descriptor)."""
+    probes: int = 2048
+    """Probes the port-restricted side sends per phase at most (P(miss) ≈ e^-8 with 256)."""
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.sockets <= 4096:
+            raise ValueError(f"sockets: {self.sockets} out of range (1..4096)")
+        if not 1 <= self.probes <= 16384:
+            raise ValueError(f"probes: {self.probes} out of range (1..16384)")
+
+
+@dataclass(frozen=True)
 class TunnelConfig:
     """`tunnel:` — the agent's packet tunnel to other nodes (docs/reference/meshd.md)."""
 
@@ -332,6 +352,8 @@ class TunnelConfig:
     """Node kubeconfig with the node certificate; default `agent.kubeconfig`."""
     prepunch_ttl: int | None = None
     """TTL of the pre-punch datagrams (None: off)."""
+    port_guessing: PortGuessingConfig = field(default_factory=PortGuessingConfig)
+    """Birthday-paradox port guessing (symmetric × port-restricted → direct)."""
 
     def __post_init__(self) -> None:
         if self.enabled and not self.server:

@@ -73,7 +73,8 @@ def render_peers(tunnel: dict[str, Any]) -> list[str]:
         rtt = "-" if p.get("rttMs") is None else f"{p['rttMs']:.1f} ms"
         last = p.get("lastHandshake")
         ago = "-" if last is None else f"{max(0.0, time.time() - last):.0f} s ago"
-        path = p["path"] + ("" if p.get("online", True) else " (offline)")
+        path = p["path"] + (" (guessed)" if p.get("guessed") else "") + (
+            "" if p.get("online", True) else " (offline)")
         rows.append((p["node"], p["overlay"], p.get("nat") or "unknown", path,
                      p.get("endpoint") or "-", rtt,
                      f"{p['bytesIn']}/{p['bytesOut']}", ago))

@@ -63,9 +63,7 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CoturnLab]:
         try:
             yield lab
         finally:
-            for node in lab.nodes:
-                if node in lab.agent_logs:
-                    print(f"--- agent {node} (tail)\n{lab.agent_log(node)[-1500:]}")
+            lab.print_agent_tails(1500)
             print(f"--- coturn (tail)\n{lab.coturn_log()[-1500:]}")
 
 

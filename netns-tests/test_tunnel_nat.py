@@ -140,9 +140,7 @@ def mesh(tmp_path_factory: pytest.TempPathFactory,
             yield lab
         finally:
             if request.session.testsfailed > failed:
-                for node in lab.nodes:
-                    if node in lab.agent_logs:
-                        print(f"--- agent {node} (tail)\n{lab.agent_log(node)[-1500:]}")
+                lab.print_agent_tails(1500)
 
 
 def client_pod(lab: MeshLab, node: str) -> str:

@@ -80,16 +80,19 @@ def test_punch_metrics_carry_both_classes(lab: MissionLab) -> None:
     lab.start_agent("n3")
     lab.wait_agent("n3", timeout=60)
     # full cone x symmetric: direct (the symmetric side's actual source is learnt as a
-    # peer-reflexive candidate); port-restricted x symmetric: relay (design §6).
+    # peer-reflexive candidate); port-restricted x symmetric: relay (design §6), then direct by
+    # port guessing (test_tunnel_portguess.py), which needs exactly these classes.
     lab.wait_path("n1", "n3", "direct", timeout=30)
-    lab.wait_path("n2", "n3", "relay", timeout=30)
+    lab.wait_path("n2", "n3", "direct", timeout=40)
+    guessed = lab.peer("n2", "n3") or {}
+    assert guessed.get("guessed") and guessed.get("timeToRelayS") is not None, guessed
     m1, m2 = lab.metrics("n1"), lab.metrics("n2")
     print({k: v for k, v in m1.items() if "punch" in k})
     print({k: v for k, v in m2.items() if "punch" in k})
     assert punch(m1, "attempts", "full-cone", "symmetric") >= 1
     assert punch(m1, "successes", "full-cone", "symmetric") >= 1
     assert punch(m2, "attempts", "port-restricted", "symmetric") >= 1
-    assert punch(m2, "successes", "port-restricted", "symmetric") == 0
+    assert punch(m2, "successes", "port-restricted", "symmetric") >= 1  # the guessed one
     for metrics in (m1, m2):  # every label is a class pair; no peer's text gets through as is
         for key in metrics:
             if key.startswith("meshd_tunnel_punch_"):

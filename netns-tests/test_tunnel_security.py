@@ -98,9 +98,7 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SecurityLab]:
         try:
             yield lab
         finally:
-            for node in lab.nodes:
-                if node in lab.agent_logs:
-                    print(f"--- agent {node} (tail)\n{lab.agent_log(node)[-1200:]}")
+            lab.print_agent_tails(1200)
             print(f"--- meshd server (tail)\n{lab.server_log()[-2500:]}")
 
 

@@ -33,6 +33,14 @@ are published together once both queries ended; the relay pair carries data from
 byte and the path machines upgrade to a direct pair when checks prove one. A lost or refused
 allocation is retried with backoff; a restart of checks re-runs the STUN query.
 
+Port guessing (`meshd.tunnel.guess`, symmetric × port-restricted pairs once relayed): the NAT
+classes (ours from `ControlClient.nat`, `nat_changed`; the peer's from the peer table) give
+each path machine its side; a hard-side phase takes the node-wide socket pool, which the adapter
+opens on `GuessSocketsWanted` (`guess_sockets_opened`) and closes on `GuessSocketsReleased`;
+pool sockets' reads come in through `receive_pool_reads`, and `Transmit.source` says which
+socket a datagram leaves from. The hard side cues the easy one with the signal
+`{"kind": "guess"}` once its indications left.
+
 Who may use which overlay address comes from the control channel's peer table only: the
 `CAPeerVerifier` is asked with it, and decrypted packets must come from the peer's address.
 """
@@ -75,6 +83,17 @@ from meshd.tunnel.candidates import (
     parse_description,
 )
 from meshd.tunnel.endpoint import TunnelEndpoint
+from meshd.tunnel.guess import (
+    GUESS_SIGNAL_KIND,
+    GuessEnded,
+    GuessPool,
+    GuessReady,
+    GuessSide,
+    GuessSocketsReleased,
+    GuessSocketsWanted,
+    GuessStarted,
+    guess_side,
+)
 from meshd.tunnel.identity import CAPeerVerifier, CertificateKey, LocalIdentity, Peer
 from meshd.tunnel.offload import VNET_HDR_LEN
 from meshd.tunnel.punch import (
@@ -188,7 +207,8 @@ class ReflexiveChanged:
     """The new address."""
 
 
-MeshEvent = PeerPathChanged | PeerUp | PeerDown | ReflexiveChanged
+MeshEvent = PeerPathChanged | PeerUp | PeerDown | ReflexiveChanged | GuessSocketsWanted \
+    | GuessSocketsReleased
 
 
 @dataclass
@@ -225,6 +245,14 @@ class MeshMetrics:
     """Signals from peers that did not parse."""
     allocations: int = 0
     """Relay allocations made."""
+    guess_phases: dict[str, int] = field(default_factory=dict)
+    """Port-guessing phases started, per side (`hard`: symmetric, `easy`: port-restricted)."""
+    guess_hits: dict[str, int] = field(default_factory=dict)
+    """Phases that ended with a guessed pair selected, per side."""
+    guess_probes: int = 0
+    """Guess probes sent (easy side)."""
+    guess_pool_garbage: int = 0
+    """Datagrams on pool sockets nobody claimed (dropped)."""
 
 
 @dataclass(frozen=True)
@@ -252,13 +280,16 @@ class PeerStatus:
     """Round start → decided relayed, of the last round that ended relayed."""
     nat: str = "unknown"
     """The peer's NAT class as it published it (`unknown` until it does)."""
+    guessed: bool = False
+    """The direct path was found by port guessing (`meshd.tunnel.guess`)."""
 
     def as_dict(self) -> dict[str, Any]:
         return {"node": self.node, "overlay": self.overlay, "online": self.online,
                 "state": self.state, "path": self.path, "endpoint": self.endpoint,
                 "rttMs": self.rtt_ms, "bytesIn": self.bytes_in, "bytesOut": self.bytes_out,
                 "lastHandshake": self.last_handshake, "timeToDirectS": self.time_to_direct_s,
-                "timeToRelayS": self.time_to_relay_s, "session": self.session, "nat": self.nat}
+                "timeToRelayS": self.time_to_relay_s, "session": self.session, "nat": self.nat,
+                "guessed": self.guessed}
 
 
 class _TurnLink:
@@ -368,6 +399,7 @@ class MeshNode:
         self._gathered = False
         self._link_changed = False
         self._relay_keepalive_at: float | None = None
+        self._pool = GuessPool(config.punch.guess.sockets)
 
     # --- inputs: control ------------------------------------------------------------------------
 
@@ -422,7 +454,7 @@ class MeshNode:
     def _peers_changed(self, peers: Mapping[str, PeerInfo], removed: Iterable[str],
                        now: float) -> None:
         for name in removed:
-            self._drop_peer(name)
+            self._drop_peer(name, now)
         for name, info in peers.items():
             if name == self.node:
                 continue
@@ -432,6 +464,7 @@ class MeshNode:
                                       rng=random.Random(self._rng.getrandbits(64)))
                 peer = _Peer(info, machine)
                 self._peers[name] = peer
+                self._update_guess_side(peer, now)
                 if self._gathered:
                     machine.set_local_candidates(self._candidates(), now, relay=self._link)
                 self._drain_machine(name, peer, now)
@@ -442,8 +475,10 @@ class MeshNode:
                 if peer.info.overlay != info.overlay:
                     self._route.pop(peer.info.overlay.packed, None)
                 peer.info = info
+                self._update_guess_side(peer, now)
                 if came_online and peer.machine.local_description().candidates:
                     self._send_description(name, peer.machine, now)
+                self._drain_machine(name, peer, now)
             self._route[info.overlay.packed] = name
             if self.endpoint is not None:
                 self.endpoint.add_peer(Peer(name, info.static_key))
@@ -451,17 +486,26 @@ class MeshNode:
             if stashed is not None:
                 self._signal(name, stashed, now)
 
-    def _drop_peer(self, name: str) -> None:
+    def _drop_peer(self, name: str, now: float) -> None:
         peer = self._peers.pop(name, None)
         if peer is None:
             return
+        self._pool.release(name)
+        self._pool_gc(now)
         self._route.pop(peer.info.overlay.packed, None)
         if self.endpoint is not None:
             self.endpoint.remove_peer(name)
         event(log, logging.INFO, "tunnel.peer_removed", node=self.node, peer=name)
 
     def _signal(self, name: str, payload: Mapping[str, Any], now: float) -> None:
-        if payload.get("kind") != SIGNAL_KIND:
+        kind = payload.get("kind")
+        if kind == GUESS_SIGNAL_KIND:  # the hard side's mappings exist: probe now
+            guessing = self._peers.get(name)
+            if guessing is not None:
+                guessing.machine.probe_guess(now)
+                self._drain_machine(name, guessing, now)
+            return
+        if kind != SIGNAL_KIND:
             self.metrics.bad_signals += 1
             return
         peer = self._peers.get(name)
@@ -625,11 +669,13 @@ class MeshNode:
         """Datagrams from the socket; returns the IP packets for the TUN device."""
         return self.receive_reads([(data, 0, source) for data, source in datagrams], now)
 
-    def receive_reads(self, reads: Sequence[Read], now: float) -> list[bytes]:
+    def receive_reads(self, reads: Sequence[Read], now: float,
+                      local: Address | None = None) -> list[bytes]:
         """Reads from the socket (`meshd.udp.Read`: one datagram, or with UDP GRO several of
         `segment` bytes from one source back to back); returns the IP packets (offload frames
         with `tun_frames`) for the TUN device. A coalesced read of 0xE4 fragments goes to the
-        endpoint whole (one message: no per-fragment work); other reads are split."""
+        endpoint whole (one message: no per-fragment work); other reads are split. `local`:
+        the socket they arrived on when not the tunnel socket (`receive_pool_reads`)."""
         endpoint = self.endpoint
         tun_out = self._tun_out  # decrypted packets go straight here (no event objects)
         if len(reads) == 1 and endpoint is not None:  # a lone datagram: the short way
@@ -642,9 +688,12 @@ class MeshNode:
                 return tun_out
         tunnel: list[bytes] = []
         turn = self._turn
-        turn_server = turn.server if turn is not None else None
         link = self._link
-        local = self.local
+        if local is None:
+            local = self.local
+            turn_server = turn.server if turn is not None else None
+        else:
+            turn_server = None  # the relay only ever talks to the tunnel socket
         for read, segment, source in reads:
             if segment:
                 if read[:1] == _FRAGMENT_BYTE and endpoint is not None:
@@ -685,6 +734,68 @@ class MeshNode:
                 self._endpoint_events(events, now)
         out, self._tun_out = self._tun_out, []
         return out
+
+    def receive_pool_reads(self, local: Address, reads: Sequence[Read],
+                           now: float) -> list[bytes]:
+        """`receive_reads` for reads of pool socket `local` (port guessing): checks of the
+        peer whose probe hit it, then its tunnel data. Anything else is dropped and counted in
+        `guess_pool_garbage` (unclaimed STUN, tunnel datagrams the endpoint rejected), as are
+        reads for a socket the pool no longer holds."""
+        if local not in self._pool.open:
+            self._pool.garbage += len(reads)
+            self.metrics.guess_pool_garbage += len(reads)
+            return []
+        m = self.metrics
+        before = m.garbage + sum(m.rejected.values())
+        out = self.receive_reads(reads, now, local)
+        dropped = m.garbage + sum(m.rejected.values()) - before
+        self._pool.garbage += dropped
+        self.metrics.guess_pool_garbage += dropped
+        return out
+
+    def guess_sockets_opened(self, addresses: Sequence[Address], now: float) -> None:
+        """The adapter opened these pool sockets (after `GuessSocketsWanted`; maybe fewer
+        than asked, maybe none). Hard-side phases send their indications from them."""
+        self._pool.opened(tuple(addresses))
+        event(log, logging.INFO, "tunnel.guess_pool", node=self.node,
+              sockets=len(self._pool.open), asked=self._pool.size)
+        for name, peer in self._peers.items():
+            if peer.machine.guess_side is GuessSide.HARD:
+                peer.machine.set_guess_bases(self._pool.open, now)
+                self._drain_machine(name, peer, now)
+        self._pool_gc(now)
+
+    def nat_changed(self, now: float) -> None:
+        """Our NAT class changed (`ControlClient.report_nat`): which peers we guess with."""
+        for name, peer in self._peers.items():
+            self._update_guess_side(peer, now)
+            self._drain_machine(name, peer, now)
+
+    @property
+    def guess_pool(self) -> GuessPool:
+        """The port-guessing pool's bookkeeping (open sockets, users)."""
+        return self._pool
+
+    def _update_guess_side(self, peer: _Peer, now: float) -> None:
+        peer.machine.set_guess_side(guess_side(*self._nat_pair(peer)), now)
+
+    def _pool_gc(self, now: float) -> None:
+        """Close pool sockets once nobody guesses, but those a selected path sends from."""
+        if not self._pool.open:
+            return
+        in_use: set[Address] = set()
+        for peer in self._peers.values():
+            path = peer.machine.current_path()
+            if path.kind is PathKind.DIRECT and path.local is not None:
+                in_use.add(path.local)
+        released = self._pool.collect(in_use)
+        if not released:
+            return
+        self._events.append(GuessSocketsReleased(released))
+        event(log, logging.INFO, "tunnel.guess_pool_release", node=self.node,
+              closed=len(released), kept=len(self._pool.open))
+        for peer in self._peers.values():
+            peer.machine.set_guess_bases(self._pool.open, now)
 
     def _inner(self, data: bytes, source: Address, local: Address, now: float) -> None:
         """A datagram the relay forwarded from `source` to our relayed address."""
@@ -865,8 +976,8 @@ class MeshNode:
                 peer.path = new
                 path_local, path_remote = ev.new.local, ev.new.remote
                 peer.direct = ((path_local, path_remote) if ev.new.kind is PathKind.DIRECT
-                               and path_local in self._hosts and path_remote is not None
-                               else None)
+                               and (path_local in self._hosts or path_local in self._pool.open)
+                               and path_remote is not None else None)
                 remote = format_address(ev.new.remote) if ev.new.remote else ""
                 if ev.new.kind is PathKind.DIRECT:
                     pair = peer.nat_pair  # the round's, so successes never outnumber attempts
@@ -876,7 +987,9 @@ class MeshNode:
                         self.metrics.time_to_direct_s[name] = machine.metrics.time_to_direct_s
                 self._events.append(PeerPathChanged(name, old, new, remote, now))
                 event(log, logging.INFO, "tunnel.path", node=self.node, peer=name, old=old,
-                      new=new, remote=remote, ttd=machine.metrics.time_to_direct_s)
+                      new=new, remote=remote, ttd=machine.metrics.time_to_direct_s,
+                      guessed=machine.path_guessed)
+                self._pool_gc(now)
             elif isinstance(ev, ChecksRestarted):
                 event(log, logging.INFO, "tunnel.checks_restarted", node=self.node, peer=name,
                       reason=ev.reason)
@@ -884,6 +997,30 @@ class MeshNode:
             elif isinstance(ev, StateChanged) and ev.new is State.CHECKING:
                 pair = peer.nat_pair = self._nat_pair(peer)
                 self.metrics.punch_attempts[pair] = self.metrics.punch_attempts.get(pair, 0) + 1
+                machine.set_guess_side(guess_side(*pair), now)
+            elif isinstance(ev, GuessStarted):
+                side = ev.side.value
+                self.metrics.guess_phases[side] = self.metrics.guess_phases.get(side, 0) + 1
+                if ev.side is GuessSide.HARD:
+                    count = self._pool.acquire(name)
+                    if count:
+                        self._events.append(GuessSocketsWanted(count))
+                    elif self._pool.open:
+                        machine.set_guess_bases(self._pool.open, now)
+            elif isinstance(ev, GuessReady):
+                try:  # the easy side probes once it hears the mappings exist
+                    self.control.send_signal(name, {"kind": GUESS_SIGNAL_KIND}, now)
+                    self.metrics.signals_sent += 1
+                except ControlNotReady:
+                    pass  # no cue, no probes: the phase ends unanswered and backs off
+            elif isinstance(ev, GuessEnded):
+                self.metrics.guess_probes += ev.probes
+                if ev.hit:
+                    side = ev.side.value
+                    self.metrics.guess_hits[side] = self.metrics.guess_hits.get(side, 0) + 1
+                if ev.side is GuessSide.HARD:
+                    self._pool.release(name)
+                    self._pool_gc(now)
         if self._turn is not None and self._turn.state is ClientState.ALLOCATED:
             self._bind_peer_relay(peer, now)
 
@@ -940,7 +1077,8 @@ class MeshNode:
                 time_to_direct_s=peer.machine.metrics.time_to_direct_s,
                 session=stats.state if stats else "none",
                 time_to_relay_s=peer.machine.metrics.time_to_relay_s,
-                nat=peer.info.nat.nat_type if peer.info.nat is not None else "unknown"))
+                nat=peer.info.nat.nat_type if peer.info.nat is not None else "unknown",
+                guessed=peer.machine.path_guessed))
         return rows
 
     def peer_overlay(self, node: str) -> ipaddress.IPv4Address | None:

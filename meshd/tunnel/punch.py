@@ -34,6 +34,15 @@ the check with USE-CANDIDATE; both sides select exactly that pair, so both keep 
 mappings alive and run consent on the same flow. It costs one round trip (tens of ms), well
 inside the 1 s budget; aggressive nomination could leave the two sides on different pairs.
 
+Port guessing (`meshd.tunnel.guess`; symmetric × port-restricted, `set_guess_side`): the hard
+(symmetric) side starts a phase when a round ends relayed (one per round, with its own
+backoff), sends a Binding indication from every pool socket (`set_guess_bases`: local bases,
+never advertised) to the peer's reflexive address and reports `GuessReady`; the easy side, cued
+through the server, probes the hard side's reflexive IP at random ports with real checks
+(`probe_guess`, transaction ids only). A hit is an ordinary pair afterwards: the answer makes a
+peer-reflexive candidate, the hard side's triggered check from the pool socket follows, and
+regular nomination selects it (RELAYED --selected--> DIRECT). The state table does not change.
+
 Restarts: a dead path or a retry bumps our generation (`DescriptionChanged`, to be signaled);
 credentials stay those of the peer session, so checks keep working even while the server is
 unreachable. A peer's higher generation restarts our checks too (while already checking, only
@@ -47,7 +56,7 @@ import logging
 import math
 import random
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 from typing import Protocol
 
@@ -79,6 +88,14 @@ from meshd.tunnel.candidates import (
     foundation,
     pair_priority,
     role_for,
+)
+from meshd.tunnel.guess import (
+    GuessEnded,
+    GuessReady,
+    GuessSide,
+    GuessStarted,
+    PortGuessConfig,
+    probe_ports,
 )
 from meshd.udp import Address, Transmit, format_address
 
@@ -132,6 +149,8 @@ class PunchConfig:
     """Checks start this long after the pre-punch."""
     max_pairs: int = 64
     """Check-list size limit (RFC 8445 §6.1.2.5 suggests 100)."""
+    guess: PortGuessConfig = field(default_factory=PortGuessConfig)
+    """Birthday-paradox port guessing (`meshd.tunnel.guess`)."""
 
     def __post_init__(self) -> None:
         positive = {
@@ -319,7 +338,7 @@ class DescriptionChanged:
 
 
 Event = PathChanged | StateChanged | PeerReflexiveLearnt | ChecksFailed | ChecksRestarted \
-    | DescriptionChanged
+    | DescriptionChanged | GuessStarted | GuessReady | GuessEnded
 
 
 @dataclass(slots=True)
@@ -359,6 +378,14 @@ class PunchMetrics:
     time_to_relay_s: float | None = None
     """Start of the last round that ended relayed to that decision (the round timeout at the
     latest, earlier when every direct pair failed first)."""
+    guess_phases: int = 0
+    """Port-guessing phases started (either side)."""
+    guess_probes: int = 0
+    """Guess probes sent (easy side)."""
+    guess_hits: int = 0
+    """Phases that ended with a guessed pair selected."""
+    guess_refused: int = 0
+    """Guess cues from the peer we did not act on (not our pair, too soon, already direct)."""
 
 
 # --- internals --------------------------------------------------------------------------------
@@ -388,6 +415,30 @@ class _Check:
     next_send: float | None
     rto: float
     deadline: float
+
+
+@dataclass
+class _Guess:
+    """One guess phase (see `meshd.tunnel.guess`)."""
+
+    side: GuessSide
+    started: float
+    until: float
+    """The phase ends then (without a hit)."""
+    ready: bool = False
+    """Hard side: the pool's indications went out."""
+    refresh_at: float = math.inf
+    """Hard side: next re-send of the indications."""
+    base: Address | None = None
+    """Easy side: the socket the probes leave from."""
+    target_ip: str = ""
+    """Easy side: the hard side's reflexive IP."""
+    ports: tuple[int, ...] = ()
+    """Easy side: the ports to probe, in order."""
+    sent: int = 0
+    """Easy side: probes sent so far."""
+    next_probe_at: float | None = None
+    """Easy side: next batch (None: all sent, or stopped at a hit)."""
 
 
 @dataclass(frozen=True)
@@ -459,6 +510,15 @@ class PathMachine:
         self._consent_next = 0.0
         self._last_sent = 0.0  # last datagram we sent on the selected pair
         self._last_data = -math.inf  # last data the data plane sent
+        self.guess_side: GuessSide | None = None
+        """Our part in port guessing with this peer (`set_guess_side`); None: no guessing."""
+        self._guess: _Guess | None = None
+        self._guess_bases: dict[Address, Candidate] = {}  # pool sockets (hard side)
+        self._guessed: set[PairKey] = set()  # pairs a guess found
+        self._probes: dict[bytes, float] = {}  # easy side: probe txid -> sent at
+        self._guess_round = -1  # `metrics.attempts` of the last hard-side phase
+        self._guess_not_before = -math.inf
+        self._guess_delay = self.config.guess.backoff_initial_s
 
     # --- inputs -------------------------------------------------------------------------------
 
@@ -504,6 +564,9 @@ class PathMachine:
             self._remote_prflx.clear()
             self._pairs.clear()
             self._selected = None
+            self._guessed.clear()
+            if self._guess is not None:
+                self._end_guess(now, hit=False)
         if not self._local:
             self._refresh_path(now)
             return
@@ -608,7 +671,83 @@ class PathMachine:
                 self._restart(now, "dead", "dead path")
         elif self._retry_at is not None and now >= self._retry_at:
             self._restart(now, "restart", "retry")
+        guess = self._guess
+        if guess is not None and now >= guess.until:
+            self._end_guess(now, hit=False)
+        if self.state is State.RELAYED:
+            self._maybe_guess(now)
         self._refresh_path(now)
+
+    # --- port guessing (meshd.tunnel.guess) ---------------------------------------------------
+
+    def set_guess_side(self, side: GuessSide | None, now: float) -> None:
+        """Our part in port guessing with this peer, from both NAT classes (`guess_side`);
+        None stops guessing. The hard side starts a phase when a round ends relayed (or
+        now, if relayed and due)."""
+        side = side if self.config.guess.enabled else None
+        if side is self.guess_side:
+            return
+        self.guess_side = side
+        if self._guess is not None and self._guess.side is not side:
+            self._end_guess(now, hit=False)
+        if self.state is State.RELAYED:
+            self._maybe_guess(now)
+
+    def set_guess_bases(self, addresses: tuple[Address, ...] | list[Address] | frozenset[Address],
+                        now: float) -> None:
+        """The node's open pool sockets: local bases for checks (never advertised). Pairs on
+        sockets that closed are dropped. A hard-side phase waiting for them sends its
+        indications now (then `GuessReady`)."""
+        kind = CandidateKind.HOST
+        priority = candidate_priority(kind, 0)  # below every advertised candidate
+        new = {a: Candidate(kind, a, priority, foundation(kind, a[0])) for a in addresses}
+        gone = set(self._guess_bases) - set(new)
+        if gone:
+            self._pairs = {k: p for k, p in self._pairs.items()
+                           if k[0] not in gone or k == self._selected}
+            self._checks = {t: c for t, c in self._checks.items() if c.key[0] not in gone}
+            self._triggered = deque(k for k in self._triggered if k[0] not in gone)
+        self._guess_bases = new
+        guess = self._guess
+        if guess is not None and guess.side is GuessSide.HARD and not guess.ready and new:
+            self._indicate(guess, now, self._outbox)
+
+    def probe_guess(self, now: float) -> bool:
+        """Easy side: the peer's cue (its mappings exist): probe its reflexive IP at random
+        ports. False (counted in `metrics.guess_refused`) when we are not the easy side, a
+        phase runs, the pair is direct, or the last phase was too recent (a peer cannot make
+        us spray probes at will)."""
+        base = next((c.base_address for c in self._local if c.kind is CandidateKind.SRFLX),
+                    None)
+        targets = [c.address for c in self._guess_targets()
+                   if base is not None and (":" in c.address[0]) == (":" in base[0])]
+        if (self.guess_side is not GuessSide.EASY or self._guess is not None
+                or self.state in (State.IDLE, State.DIRECT) or base is None or not targets
+                or now < self._guess_not_before):
+            self.metrics.guess_refused += 1
+            return False
+        cfg = self.config.guess
+        target_ip = targets[0][0]
+        known = frozenset(port for ip, port in targets if ip == target_ip)
+        ports = probe_ports(self._rng, cfg.probes, cfg.min_port, cfg.max_port, known)
+        self._guess = _Guess(GuessSide.EASY, now, now + cfg.easy_window_s, base=base,
+                             target_ip=target_ip, ports=tuple(ports),
+                             next_probe_at=now + cfg.lead_s)
+        self._guess_not_before = now + cfg.backoff_initial_s / 2
+        self._started_guess(now)
+        return True
+
+    @property
+    def guessing(self) -> bool:
+        """A guess phase is under way."""
+        return self._guess is not None
+
+    @property
+    def path_guessed(self) -> bool:
+        """The selected direct pair was found by port guessing."""
+        key = self._selected
+        return (self.state is State.DIRECT and key is not None
+                and (key in self._guessed or key[0] in self._guess_bases))
 
     # --- outputs ------------------------------------------------------------------------------
 
@@ -640,6 +779,12 @@ class PathMachine:
                 out.append(self._transmit_from(local, remote, encode_message(indication)))
                 self.metrics.keepalives_sent += 1
                 self._last_sent = now
+        guess = self._guess
+        if guess is not None:
+            if guess.next_probe_at is not None and now >= guess.next_probe_at:
+                self._send_probes(guess, now, out)
+            elif guess.ready and now >= guess.refresh_at:
+                self._indicate(guess, now, out)
         return out
 
     def get_timer(self) -> float | None:
@@ -663,6 +808,17 @@ class PathMachine:
             times.append(self._last_sent + self.config.keepalive_s)
         elif self._retry_at is not None and self.state is not State.IDLE:
             times.append(self._retry_at)
+        guess = self._guess
+        if guess is not None:
+            times.append(guess.until)
+            if guess.next_probe_at is not None:
+                times.append(guess.next_probe_at)
+            elif guess.ready:
+                times.append(guess.refresh_at)
+        else:
+            due = self._guess_due()
+            if due is not None:
+                times.append(due)
         return min(times) if times else None
 
     def next_event(self) -> Event | None:
@@ -777,6 +933,8 @@ class PathMachine:
             jitter = 1 + self.config.retry_jitter * (2 * self._rng.random() - 1)
             self._retry_at = now + self._retry_delay * jitter
             self._retry_delay = min(self._retry_delay * 2, self.config.retry_max_s)
+        if relayed:
+            self._maybe_guess(now)
 
     def _select(self, key: PairKey, now: float) -> None:
         pair = self._pairs[key]
@@ -797,6 +955,8 @@ class PathMachine:
         self._round_deadline = None
         self._last_proof = self._consent_started = self._last_sent = now
         self._consent_next = now + self._consent_interval()
+        if self._guess is not None:
+            self._end_guess(now, hit=self.path_guessed)
 
     # --- checks -------------------------------------------------------------------------------
 
@@ -819,6 +979,9 @@ class PathMachine:
                 pairs[formed.key] = old
         if self._selected is not None and self._selected not in pairs:
             pairs[self._selected] = self._pairs[self._selected]
+        for key, old_pair in self._pairs.items():  # pool pairs are never formed: keep them
+            if key[0] in self._guess_bases and key not in pairs:
+                pairs[key] = old_pair
         self._pairs = pairs
         return added
 
@@ -843,21 +1006,9 @@ class PathMachine:
             p.state is PairState.WAITING for p in self._pairs.values())
 
     def _start_check(self, key: PairKey, purpose: _Purpose, now: float) -> Transmit:
-        assert self._remote is not None
         pair = self._pairs[key]
         local_preference = (pair.pair.local.priority >> 8) & 0xFFFF
-        controlling = self.role is Role.CONTROLLING
-        ice = IceAttributes(
-            priority=candidate_priority(CandidateKind.PRFLX, local_preference),
-            use_candidate=purpose is _Purpose.NOMINATE,
-            controlling=self.tiebreaker if controlling else None,
-            controlled=None if controlling else self.tiebreaker,
-        )
-        txid = self._rng.randbytes(12)
-        username = Username(f"{self._remote.ufrag}:{self.ufrag}")
-        request = StunMessage(MessageClass.REQUEST, Method.BINDING, txid,
-                              (username, *ice.to_attributes()), fingerprint=True)
-        data = encode_message(request, key=self._remote_key)
+        txid, data = self._request(local_preference, purpose is _Purpose.NOMINATE)
         if purpose is _Purpose.CONSENT:  # one copy each; the next one is the retransmission
             check = _Check(txid, key, data, purpose, now, None, 0.0,
                            now + self.config.dead_after_s)
@@ -872,6 +1023,23 @@ class PathMachine:
             self._nominating = txid
         self.metrics.checks_sent += 1
         return self._transmit_from(key[0], key[1], data)
+
+    def _request(self, local_preference: int, nominate: bool) -> tuple[bytes, bytes]:
+        """(transaction id, datagram) of a check: RFC 8445 §7.2.2 attributes, short-term
+        credentials (USERNAME "theirs:ours", MESSAGE-INTEGRITY with the peer's password)."""
+        assert self._remote is not None
+        controlling = self.role is Role.CONTROLLING
+        ice = IceAttributes(
+            priority=candidate_priority(CandidateKind.PRFLX, local_preference),
+            use_candidate=nominate,
+            controlling=self.tiebreaker if controlling else None,
+            controlled=None if controlling else self.tiebreaker,
+        )
+        txid = self._rng.randbytes(12)
+        username = Username(f"{self._remote.ufrag}:{self.ufrag}")
+        request = StunMessage(MessageClass.REQUEST, Method.BINDING, txid,
+                              (username, *ice.to_attributes()), fingerprint=True)
+        return txid, encode_message(request, key=self._remote_key)
 
     def _check_expired(self, txid: bytes, check: _Check) -> None:
         del self._checks[txid]
@@ -929,6 +1097,127 @@ class PathMachine:
                                       self._rng.randbytes(12), fingerprint=True)
                 self._outbox.append(Transmit(base, target, encode_message(message), ttl))
                 self.metrics.prepunches_sent += 1
+
+    # --- port guessing internals ---------------------------------------------------------------
+
+    def _guess_targets(self) -> list[Candidate]:
+        """The peer's server-reflexive candidates: the easy side's address the pool opens
+        mappings towards, or the hard side's reflexive IP the probes go to."""
+        if self._remote is None:
+            return []
+        return [c for c in self._remote.candidates if c.kind is CandidateKind.SRFLX]
+
+    def _guess_due(self) -> float | None:
+        """Hard side: when the next phase may start (None: not now, whatever the time). One
+        phase per round at most, and not before the backoff since the last one."""
+        if (self.guess_side is not GuessSide.HARD or self._guess is not None
+                or self.state is not State.RELAYED or self._guess_round == self.metrics.attempts
+                or not self._guess_targets()):
+            return None
+        return max(self._guess_not_before, self._round_started)
+
+    def _maybe_guess(self, now: float) -> None:
+        due = self._guess_due()
+        if due is None or now < due:
+            return
+        cfg = self.config.guess
+        self._guess_round = self.metrics.attempts
+        self._guess_not_before = now + self._guess_delay
+        self._guess_delay = min(self._guess_delay * 2, cfg.backoff_max_s)
+        self._guess = _Guess(GuessSide.HARD, now, now + cfg.hard_window_s)
+        self._started_guess(now)
+
+    def _started_guess(self, now: float) -> None:
+        assert self._guess is not None
+        self.metrics.guess_phases += 1
+        self._emit(GuessStarted(self._guess.side, now))
+        event(log, logging.INFO, "punch.guess_start", node=self.local_node, peer=self.peer_node,
+              side=self._guess.side.value, target=self._guess.target_ip or "-",
+              probes=len(self._guess.ports), generation=self.generation)
+
+    def _end_guess(self, now: float, *, hit: bool) -> None:
+        guess, self._guess = self._guess, None
+        if guess is None:
+            return
+        self._probes.clear()
+        if hit:
+            self.metrics.guess_hits += 1
+            self._guess_delay = self.config.guess.backoff_initial_s
+            self._guess_not_before = -math.inf
+        self._emit(GuessEnded(guess.side, hit, guess.sent, now))
+        event(log, logging.INFO, "punch.guess_end", node=self.local_node, peer=self.peer_node,
+              side=guess.side.value, hit=hit, probes=guess.sent,
+              took=round(now - guess.started, 3))
+
+    def _indicate(self, guess: _Guess, now: float, out: list[Transmit]) -> None:
+        """Hard side: a Binding indication from every pool socket to the peer's reflexive
+        address(es): one APDM mapping each, letting exactly that address in."""
+        targets = [c.address for c in self._guess_targets()]
+        sent = 0
+        for base in sorted(self._guess_bases):
+            for target in targets:
+                if (":" in base[0]) != (":" in target[0]):
+                    continue
+                message = StunMessage(MessageClass.INDICATION, Method.BINDING,
+                                      self._rng.randbytes(12), fingerprint=True)
+                out.append(Transmit(base, target, encode_message(message)))
+                sent += 1
+        guess.refresh_at = now + self.config.guess.refresh_s
+        if not guess.ready and sent:
+            guess.ready = True
+            guess.until = now + self.config.guess.hard_window_s
+            self._emit(GuessReady(len(self._guess_bases), now))
+
+    def _send_probes(self, guess: _Guess, now: float, out: list[Transmit]) -> None:
+        """Easy side: the next batch of probes (ICE checks to guessed ports)."""
+        cfg = self.config.guess
+        base = guess.base
+        assert base is not None
+        mine = self._local_candidate(base)
+        local_preference = (mine.priority >> 8) & 0xFFFF if mine is not None else 65535
+        batch = guess.ports[guess.sent:guess.sent + cfg.probe_batch]
+        for port in batch:
+            txid, data = self._request(local_preference, False)
+            self._probes[txid] = now
+            out.append(Transmit(base, (guess.target_ip, port), data))
+        guess.sent += len(batch)
+        self.metrics.guess_probes += len(batch)
+        guess.next_probe_at = (now + cfg.probe_interval_s if guess.sent < len(guess.ports)
+                               else None)
+
+    def _on_probe_answer(self, data: bytes, message: StunMessage, source: Address,
+                         local: Address, now: float) -> bool:
+        """Easy side: a probe hit a pool socket. The guessed address becomes a peer-reflexive
+        remote candidate and its pair SUCCEEDED (RFC 8445 §7.2.5.3); nomination follows."""
+        sent = self._probes[message.transaction_id]
+        guess = self._guess
+        if message.integrity is None or not verify_integrity(data, self._remote_key):
+            self.metrics.ignored += 1
+            return True
+        if guess is None or guess.base != local or source[0] != guess.target_ip:
+            self.metrics.ignored += 1  # not from where we probed: let it be
+            return True
+        self._probes.clear()
+        guess.next_probe_at = None  # stop at the first hit
+        pair = self._pair_for(local, source, candidate_priority(CandidateKind.PRFLX, 0), now)
+        if pair is None:
+            return True
+        self._guessed.add(pair.pair.key)
+        event(log, logging.INFO, "punch.guess_hit", node=self.local_node, peer=self.peer_node,
+              remote=format_address(source), probes=guess.sent,
+              took=round(now - guess.started, 3))
+        pair.state, pair.rtt = PairState.SUCCEEDED, now - sent
+        mapped = message.get(XorMappedAddress)
+        if mapped is not None:
+            self._learn_local(mapped.address, pair, now)
+        if self._first_valid_at is None:
+            self._first_valid_at = now
+        if self.role is Role.CONTROLLED:
+            if pair.nominated:
+                self._select(pair.pair.key, now)
+        else:
+            self._maybe_nominate(now)
+        return True
 
     # --- received STUN ------------------------------------------------------------------------
 
@@ -997,6 +1286,8 @@ class PathMachine:
                     now: float) -> bool:
         check = self._checks.get(message.transaction_id)
         if check is None:
+            if message.transaction_id in self._probes:
+                return self._on_probe_answer(data, message, source, local, now)
             return False
         if message.integrity is None or not verify_integrity(data, self._remote_key):
             self.metrics.ignored += 1
@@ -1045,7 +1336,8 @@ class PathMachine:
         hosts = [c for c in self._local if c.kind is CandidateKind.HOST and c.address == base]
         if hosts:
             return hosts[0]
-        return next((c for c in self._local if c.base_address == base), None)
+        found = next((c for c in self._local if c.base_address == base), None)
+        return found if found is not None else self._guess_bases.get(base)
 
     def _remote_candidate(self, address: Address) -> Candidate | None:
         assert self._remote is not None
@@ -1079,6 +1371,15 @@ class PathMachine:
                 else (theirs.priority, mine.priority))
         pair = _Pair(CandidatePair(mine, theirs, pair_priority(g, d)))
         self._pairs[pair.pair.key] = pair
+        guess = self._guess
+        if local in self._guess_bases:
+            self._guessed.add(pair.pair.key)
+        elif (guess is not None and guess.side is GuessSide.EASY
+              and theirs.kind is CandidateKind.PRFLX and source[0] == guess.target_ip):
+            # A check from a port we probed: a hit whose answer was lost or is still on its
+            # way (the hard side's triggered check overtook it). Stop probing.
+            self._guessed.add(pair.pair.key)
+            guess.next_probe_at = None
         return pair
 
     def _learn_local(self, mapped: Address, pair: _Pair, now: float) -> None:

@@ -13,6 +13,12 @@ costs no failed read) and the TUN device (`read_batch`) and hands the batch to t
 (design §3); UDP GRO reads go to the core unsplit (`MeshNode.receive_reads`). Sends of several
 datagrams to one destination use UDP GSO, one run per 0xE4 message at most, so that the peer
 reads each message whole. `Transmit.ttl` is honoured per datagram (IP_TTL set around the send).
+
+Port guessing (`meshd.tunnel.guess`): the core asks for pool sockets (`GuessSocketsWanted`);
+they are opened here on the host address, port 0, each read by its own reader into
+`MeshNode.receive_pool_reads`, and closed on `GuessSocketsReleased`. A `Transmit` whose source
+is a pool socket leaves from it; with no pool open, sends take the tunnel socket without a
+lookup. `fit_nofile` raises RLIMIT_NOFILE for the pool at start (or shrinks the pool).
 """
 
 from __future__ import annotations
@@ -23,6 +29,8 @@ import contextlib
 import errno
 import ipaddress
 import logging
+import os
+import resource
 import select
 import socket
 import sys
@@ -41,6 +49,7 @@ from edgeweave.log import event
 from meshd.control.client import ControlClient, ControlClientConfig, ControlEvent
 from meshd.control.service import ControlConnector, agent_tls_context
 from meshd.control.wire import NatSummary
+from meshd.tunnel.guess import GuessSocketsReleased, GuessSocketsWanted
 from meshd.tunnel.identity import CertificateKey
 from meshd.tunnel.mesh import MeshConfig, MeshEvent, MeshNode, ReflexiveChanged
 from meshd.tunnel.natprobe import NatProbeConfig, NatProber
@@ -139,6 +148,48 @@ def node_material(kubeconfig: Path) -> tuple[x509.Certificate, CertificateKey, x
     return cert, key, ca
 
 
+NOFILE_RESERVE = 1024
+"""File descriptors kept free for everything but the guess pool (proxy connections, TUN,
+control channel, DNS)."""
+
+
+def fit_nofile(sockets: int, reserve: int = NOFILE_RESERVE) -> int:
+    """Make room for a guess pool of `sockets` under RLIMIT_NOFILE: raise the soft limit
+    towards the hard one if needed; returns the pool size that fits (maybe smaller, maybe 0)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    try:
+        in_use = len(os.listdir("/proc/self/fd"))
+    except OSError:
+        in_use = 64
+    need = in_use + reserve + sockets
+    raised = need if hard == resource.RLIM_INFINITY else min(hard, need)
+    if soft != resource.RLIM_INFINITY and soft < raised:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (raised, hard))
+            event(log, logging.INFO, "tunnel.nofile_raised", old=soft, new=raised, hard=hard)
+            soft = raised
+        except (ValueError, OSError) as exc:
+            event(log, logging.WARNING, "tunnel.nofile_refused", soft=soft, hard=hard,
+                  error=exc)
+    if soft == resource.RLIM_INFINITY:
+        return sockets
+    fits = max(0, min(sockets, soft - in_use - reserve))
+    if fits < sockets:
+        event(log, logging.WARNING, "tunnel.guess_pool_smaller", sockets=fits, wanted=sockets,
+              nofile=soft)
+    return fits
+
+
+def _send_with_ttl(sock: socket.socket, t: Transmit) -> None:
+    """Send `t` with its own IP TTL (a pre-punch), then the default again."""
+    assert t.ttl is not None
+    sock.setsockopt(socket.IPPROTO_IP, socket.IP_TTL, t.ttl)
+    try:
+        sock.sendto(t.data, t.destination)
+    finally:
+        sock.setsockopt(socket.IPPROTO_IP, socket.IP_TTL, 64)
+
+
 def route_source(destination: str) -> str:
     """The local IP the kernel uses towards `destination` (the host candidate)."""
     family = socket.AF_INET6 if ":" in destination else socket.AF_INET
@@ -182,6 +233,10 @@ class TunnelService:
         self._flushed_at = 0.0
         self.nat_probe: NatProber | None = None
         """The background NAT classification (`start_nat_probe`)."""
+        self._pool: dict[Address, socket.socket] = {}
+        """Open guess-pool sockets by local address (`meshd.tunnel.guess`)."""
+        self.pool_open_errors = 0
+        """Pool sockets the kernel refused to open."""
 
     @classmethod
     async def start(cls, settings: TunnelSettings) -> TunnelService:
@@ -215,6 +270,14 @@ class TunnelService:
         stun_server: Address = (str(server_ip), settings.stun_port)
         mesh_config = (MeshConfig(stun_server=stun_server) if settings.mesh is None
                        else replace(settings.mesh, stun_server=stun_server))
+        guess = mesh_config.punch.guess
+        if guess.enabled:
+            fits = fit_nofile(guess.sockets)
+            if fits < guess.sockets:
+                guess = (replace(guess, sockets=fits) if fits else
+                         replace(guess, enabled=False))
+                mesh_config = replace(mesh_config, punch=replace(mesh_config.punch,
+                                                                 guess=guess))
         node = MeshNode(client, local, certificate=cert, certificate_key=key,
                         ca_certificate=ca, static_key=static, config=mesh_config,
                         wall_offset=time.time() - loop.time())
@@ -298,13 +361,7 @@ class TunnelService:
                 batch.append((data, 0, source))
         if not batch:
             return
-        packets = self.node.receive_reads(batch, self._loop.time())
-        tun = self.tun
-        if tun is not None:
-            for packet in packets:
-                if not tun.write(packet):
-                    self.tun_drops += 1
-        self._after_data()
+        self._to_tun(self.node.receive_reads(batch, self._loop.time()))
 
     def _on_tun(self) -> None:
         tun = self.tun
@@ -326,6 +383,8 @@ class TunnelService:
         self._flush()
 
     def _send(self, transmits: list[Transmit]) -> None:
+        if self._pool:  # only while guessing or on a guessed path
+            transmits = self._send_pool(transmits)
         sendto = self._sock.sendto
         if self.gso and len(transmits) > 1:
             transmits = self._send_segmented(transmits)
@@ -334,13 +393,88 @@ class TunnelService:
                 if t.ttl is None:
                     sendto(t.data, t.destination)
                 else:
-                    self._sock.setsockopt(socket.IPPROTO_IP, socket.IP_TTL, t.ttl)
-                    try:
-                        sendto(t.data, t.destination)
-                    finally:
-                        self._sock.setsockopt(socket.IPPROTO_IP, socket.IP_TTL, 64)
+                    _send_with_ttl(self._sock, t)
             except OSError:
                 self.send_errors += 1
+
+    def _send_pool(self, transmits: list[Transmit]) -> list[Transmit]:
+        """Send the datagrams whose source is a pool socket from it; return the rest."""
+        pool = self._pool
+        rest: list[Transmit] = []
+        for t in transmits:
+            sock = pool.get(t.source)
+            if sock is None:
+                rest.append(t)
+                continue
+            try:
+                if t.ttl is None:
+                    sock.sendto(t.data, t.destination)
+                else:
+                    _send_with_ttl(sock, t)
+            except OSError:
+                self.send_errors += 1
+        return rest
+
+    def _open_pool(self, count: int) -> None:
+        """`GuessSocketsWanted`: `count` sockets on the host address, port 0 (the kernel picks
+        each port), non-blocking, each with a reader. Opens fewer if the kernel refuses."""
+        host = self.node.local[0]
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        opened: list[Address] = []
+        error: OSError | None = None
+        for _ in range(count):
+            try:
+                sock = socket.socket(family, socket.SOCK_DGRAM)
+            except OSError as exc:
+                error = exc
+                break
+            try:
+                sock.bind((host, 0))
+                sock.setblocking(False)
+            except OSError as exc:
+                sock.close()
+                error = exc
+                break
+            local: Address = (host, sock.getsockname()[1])
+            self._pool[local] = sock
+            self._loop.add_reader(sock.fileno(), self._on_pool_socket, sock, local)
+            opened.append(local)
+        if error is not None:
+            self.pool_open_errors += count - len(opened)
+            event(log, logging.WARNING, "tunnel.guess_pool_short", opened=len(opened),
+                  wanted=count, error=error.strerror or error)
+        self.node.guess_sockets_opened(opened, self._loop.time())
+        self._loop.call_soon(self._flush)  # the indications from the new sockets
+
+    def _close_pool(self, addresses: tuple[Address, ...]) -> None:
+        for address in addresses:
+            sock = self._pool.pop(address, None)
+            if sock is not None:
+                self._loop.remove_reader(sock.fileno())
+                sock.close()
+
+    def _on_pool_socket(self, sock: socket.socket, local: Address) -> None:
+        batch: list[Read] = []
+        for _ in range(READ_BATCH):
+            try:
+                data, source = sock.recvfrom(65535)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError:  # ICMP errors (ECONNREFUSED): nothing to read
+                continue
+            batch.append((data, 0, source))
+        if not batch:
+            return
+        self._to_tun(self.node.receive_pool_reads(local, batch, self._loop.time()))
+
+    def _to_tun(self, packets: list[bytes]) -> None:
+        """Decrypted packets into mesh0, then the round after data."""
+        tun = self.tun
+        if tun is not None:
+            for packet in packets:
+                if not tun.write(packet):
+                    self.tun_drops += 1
+        self._after_data()
 
     def _send_segmented(self, transmits: list[Transmit]) -> list[Transmit]:
         """Send runs of datagrams to one destination with one `sendmsg` each (UDP GSO, Linux
@@ -423,12 +557,19 @@ class TunnelService:
         """Publish this node's NAT class through the control channel (server and peers)."""
         if self._closed:
             return
-        self.node.control.report_nat(summary, self._loop.time())
+        now = self._loop.time()
+        self.node.control.report_nat(summary, now)
+        self.node.nat_changed(now)  # may make a relayed peer start guessing
         self._connector.flush()
+        self._flush()
 
     def _mesh_event(self, ev: MeshEvent) -> None:
         if isinstance(ev, ReflexiveChanged) and self.nat_probe is not None:
             self.nat_probe.reflexive_changed(ev.address)
+        elif isinstance(ev, GuessSocketsWanted) and not self._closed:
+            self._open_pool(ev.count)
+        elif isinstance(ev, GuessSocketsReleased):
+            self._close_pool(ev.addresses)
 
     def _flush_control(self) -> None:
         self._control_due = False
@@ -454,6 +595,7 @@ class TunnelService:
                         if node.relayed_address else None),
             "control": node.control.state.value,
             "nat": _nat_doc(node.control.nat),
+            "guessPool": len(self._pool),
             "peers": [p.as_dict() for p in node.peer_status()],
         }
 
@@ -475,6 +617,17 @@ class TunnelService:
                             row.time_to_relay_s))
         for reason, n in sorted(m.rejected.items()):
             out.append(("meshd_tunnel_rejected_total", {"reason": reason}, n))
+        for side in ("hard", "easy"):
+            out.append(("meshd_tunnel_guess_phases_total", {"side": side},
+                        m.guess_phases.get(side, 0)))
+            out.append(("meshd_tunnel_guess_hits_total", {"side": side},
+                        m.guess_hits.get(side, 0)))
+        out += [
+            ("meshd_tunnel_guess_probes_total", {}, m.guess_probes),
+            ("meshd_tunnel_guess_pool_sockets", {}, len(self._pool)),
+            ("meshd_tunnel_guess_pool_garbage_total", {}, m.guess_pool_garbage),
+            ("meshd_tunnel_guess_pool_open_errors_total", {}, self.pool_open_errors),
+        ]
         out += [
             ("meshd_tunnel_dropped_replays_total", {}, m.rejected.get("replayed", 0)),
             ("meshd_tunnel_relay_bytes_total", {"direction": "out"}, m.relay_bytes_out),
@@ -493,6 +646,8 @@ class TunnelService:
         ]
         for p in self.node.peer_status():
             out.append(("meshd_tunnel_peer_path", {"peer": p.node, "path": p.path}, 1))
+            if p.guessed:
+                out.append(("meshd_tunnel_peer_guessed", {"peer": p.node}, 1))
             out.append(("meshd_tunnel_peer_bytes_total", {"peer": p.node, "direction": "in"},
                         p.bytes_in))
             out.append(("meshd_tunnel_peer_bytes_total", {"peer": p.node, "direction": "out"},
@@ -526,6 +681,7 @@ class TunnelService:
         await self._connector.close()
         self._loop.remove_reader(self._sock.fileno())
         self._sock.close()
+        self._close_pool(tuple(self._pool))
         if self.tun is not None:
             self._loop.remove_reader(self.tun.fd)
             self.tun.close()

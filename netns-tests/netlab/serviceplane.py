@@ -237,6 +237,12 @@ class ServicePlane:
     def agent_log(self, node: str) -> str:
         return self.agent_logs[node].read_text()[-4000:]
 
+    def print_agent_tails(self, chars: int = 1500) -> None:
+        """The last `chars` of every started agent's log, for a failed test's output."""
+        for node in self.nodes:
+            if node in self.agent_logs:
+                print(f"--- agent {node} (tail)\n{self.agent_log(node)[-chars:]}")
+
     def stop_agent(self, node: str) -> int:
         proc = self.agents.pop(node)
         if proc.poll() is None:

@@ -55,7 +55,7 @@ from meshd.tunnel.mesh import MeshConfig, MeshEvent, MeshNode, ReflexiveChanged
 from meshd.tunnel.natprobe import NatProbeConfig, NatProber
 from meshd.tunnel.noise import public_bytes
 from meshd.tunnel.tun import TunDevice
-from meshd.tunnel.wire import whole_message_packet
+from meshd.tunnel.wire import OFFLOAD_MIN_MTU, fragment_part_for, whole_message_packet
 from meshd.udp import Address, Read, Transmit
 
 log = logging.getLogger("meshd.tunnel")
@@ -270,6 +270,13 @@ class TunnelService:
         stun_server: Address = (str(server_ip), settings.stun_port)
         mesh_config = (MeshConfig(stun_server=stun_server) if settings.mesh is None
                        else replace(settings.mesh, stun_server=stun_server))
+        if settings.offload and settings.mtu < OFFLOAD_MIN_MTU:
+            event(log, logging.INFO, "tunnel.offload_off", mtu=settings.mtu,
+                  reason=f"mtu below {OFFLOAD_MIN_MTU}")
+            settings = replace(settings, offload=False)
+        # Fragments follow the MTU: a path narrow enough for a lower mtu gets smaller ones too.
+        mesh_config = replace(mesh_config, tunnel=replace(
+            mesh_config.tunnel, fragment_part=fragment_part_for(settings.mtu)))
         guess = mesh_config.punch.guess
         if guess.enabled:
             fits = fit_nofile(guess.sockets)

@@ -121,13 +121,30 @@ FRAGMENT_PART = 1406
 room for outer IPv4 + UDP (28) and TURN ChannelData (4) within 1500."""
 
 
+MIN_FRAGMENT_PART = -(-MAX_MESSAGE // MAX_FRAGMENTS)
+"""Smallest part that still carries the largest message in MAX_FRAGMENTS fragments (1025)."""
+FRAME_OVERHEAD = 10 + TAGLEN
+"""A packet's offload header (virtio_net_hdr) and the AEAD tag: what a part adds to it."""
+OFFLOAD_MIN_MTU = MIN_FRAGMENT_PART - FRAME_OVERHEAD
+"""Below this TUN MTU (999) fragments sized to it cannot carry a 64 KB super-packet: the agent
+then runs mesh0 without offloads (one packet per read, no fragments)."""
+
+
+def fragment_part_for(mtu: int) -> int:
+    """The part size for a TUN MTU of `mtu`: one whole mtu-sized packet with its offload header
+    and tag fits one fragment, so a fragment datagram (part + 15) is as large as the largest
+    lone 0xE3 datagram plus 2 bytes, and an operator who lowers `tunnel.mtu` for a narrow path
+    (PPPoE, LTE) shrinks both. FRAGMENT_PART for the default 1380."""
+    return max(mtu + FRAME_OVERHEAD, MIN_FRAGMENT_PART)
+
+
 def whole_message_packet(send_bytes: int, part: int = FRAGMENT_PART) -> int:
     """The largest IP packet an offload frame may carry for its 0xE4 message (parts of `part`
     bytes, each with its 15-byte header) to fit one UDP GSO send of `send_bytes`, so that it
     arrives as one coalesced read the receiver takes whole (the agent caps the TUN device's
     `gso_max_size` at this: 63 244 bytes for 65 000-byte sends of 1406-byte parts)."""
     fragments = min(MAX_FRAGMENTS, send_bytes // (part + FRAGMENT_HEADER.size))
-    return fragments * part - TAGLEN - 10  # 10: the frame's virtio_net_hdr
+    return fragments * part - FRAME_OVERHEAD
 
 
 CAP_MARKER = 0x80

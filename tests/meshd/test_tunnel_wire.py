@@ -18,8 +18,11 @@ from meshd.tunnel.wire import (
     FRAGMENT_HEADER,
     FRAGMENT_PART,
     MAX_FRAGMENTS,
+    MAX_MESSAGE,
+    MIN_FRAGMENT_PART,
     MIN_INITIATION,
     MIN_RESPONSE,
+    OFFLOAD_MIN_MTU,
     DataHeader,
     FragmentHeader,
     HandshakePayload,
@@ -33,6 +36,7 @@ from meshd.tunnel.wire import (
     encode_initiation,
     encode_payload,
     encode_response,
+    fragment_part_for,
     message_type,
     parse_data_header,
     parse_fragment_header,
@@ -249,3 +253,20 @@ def test_a_frame_of_the_whole_message_size_fits_one_gso_send() -> None:
     assert len(fragments) == 45 and sum(map(len, fragments)) <= 65000
     assert len(encode_fragments(7, 1, bytes(len(sealed) + 1))) == 46  # one byte more: 46
     assert whole_message_packet(65000, part=1025) == 62 * 1025 - 26  # 65000 // 1040 parts
+
+
+@pytest.mark.parametrize("mtu", [OFFLOAD_MIN_MTU, 1200, 1280, 1380, 1420, 9000])
+def test_fragments_follow_the_mtu(mtu: int) -> None:
+    part = fragment_part_for(mtu)
+    # A whole mtu-sized packet with its offload header and tag is one fragment; the fragment
+    # datagram is the largest the tunnel sends: mtu + 41 (+ 28 IPv4/UDP, + 4 ChannelData).
+    fragments = encode_fragments(1, 1, bytes(10 + mtu + 16), part=part)
+    assert len(fragments) == 1 and len(fragments[0]) == mtu + 41
+    assert part * MAX_FRAGMENTS >= MAX_MESSAGE  # the largest super-packet still fits
+    assert DATA_OVERHEAD + 10 + mtu <= mtu + 41  # a lone 0xE3 frame is never larger
+
+
+def test_the_default_mtu_keeps_the_default_part_and_small_mtus_get_the_floor() -> None:
+    assert fragment_part_for(1380) == FRAGMENT_PART
+    assert OFFLOAD_MIN_MTU == 999 and fragment_part_for(OFFLOAD_MIN_MTU) == MIN_FRAGMENT_PART
+    assert fragment_part_for(576) == MIN_FRAGMENT_PART  # the agent runs such MTUs unoffloaded

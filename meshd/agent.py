@@ -36,6 +36,7 @@ from meshd.source import CatalogSource
 from meshd.status import prometheus_samples, status_app, status_document
 from meshd.tunnel.guess import PortGuessConfig
 from meshd.tunnel.mesh import MeshConfig
+from meshd.tunnel.natprobe import NatProbeConfig
 from meshd.tunnel.punch import PunchConfig
 from meshd.tunnel.service import TunnelError, TunnelService, TunnelSettings
 from meshd.udp import Address
@@ -81,7 +82,8 @@ class _TunnelPeers:
 
 async def start_tunnel(config: AgentConfig, tunnel: TunnelConfig) -> TunnelService:
     """Dial `meshd server`, open the tunnel socket (mesh0 follows the welcome) and start the
-    background NAT classification (published over the control channel)."""
+    background NAT classification (published over the control channel) unless
+    `tunnel.natProbe.enabled` is false."""
     kubeconfig = tunnel.kubeconfig or config.kubeconfig
     if kubeconfig is None:
         raise AgentError("tunnel: needs a node kubeconfig (tunnel.kubeconfig or "
@@ -102,7 +104,13 @@ async def start_tunnel(config: AgentConfig, tunnel: TunnelConfig) -> TunnelServi
         service = await TunnelService.start(settings)
     except (TunnelError, OSError) as exc:
         raise AgentError(str(exc)) from None
-    service.start_nat_probe()  # in the background: the tunnel does not wait for it
+    probe = tunnel.nat_probe
+    if probe.enabled:  # in the background: the tunnel does not wait for it
+        service.start_nat_probe(NatProbeConfig(
+            first_delay_s=probe.first_delay_s, min_interval_s=probe.min_interval_s,
+            retry_s=probe.retry_s, max_retry_s=probe.max_retry_s))
+    else:  # the class stays as the server stored it (welcome), or unknown
+        event(log, logging.INFO, "tunnel.nat_probe_off")
     return service
 
 

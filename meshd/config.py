@@ -324,6 +324,36 @@ class PortGuessingConfig:
 
 
 @dataclass(frozen=True)
+class NatProbeSettings:
+    """`tunnel.natProbe:` — the agent's background NAT classification (RFC 5780 probes to the
+    server's STUN port, `meshd.tunnel.natprobe`). Off, the agent sends no probes: its class is
+    the one the server stored from an earlier run, or `unknown`, and port guessing then needs
+    a stored class for us and the peer's own."""
+
+    enabled: bool = True
+    """Probe (a run is a few dozen small STUN datagrams)."""
+    first_delay_s: float = 0.5
+    """First run this long after the tunnel starts."""
+    min_interval_s: float = 60.0
+    """Re-probes (on a change of the reflexive address) start at most this often."""
+    retry_s: float = 30.0
+    """After a failed run; doubles per failure up to `maxRetryS`."""
+    max_retry_s: float = 600.0
+    """Longest delay between failed runs."""
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.first_delay_s <= 3600:
+            raise ValueError(f"firstDelayS: {self.first_delay_s} out of range (0..3600)")
+        if not 1 <= self.min_interval_s <= 86400:
+            raise ValueError(f"minIntervalS: {self.min_interval_s} out of range (1..86400)")
+        if not 1 <= self.retry_s <= 86400:
+            raise ValueError(f"retryS: {self.retry_s} out of range (1..86400)")
+        if not self.retry_s <= self.max_retry_s <= 86400:
+            raise ValueError(f"maxRetryS: {self.max_retry_s} out of range "
+                             f"(retryS {self.retry_s:g}..86400)")
+
+
+@dataclass(frozen=True)
 class TunnelConfig:
     """`tunnel:` — the agent's packet tunnel to other nodes (docs/reference/meshd.md)."""
 
@@ -354,6 +384,8 @@ class TunnelConfig:
     """TTL of the pre-punch datagrams (None: off)."""
     port_guessing: PortGuessingConfig = field(default_factory=PortGuessingConfig)
     """Birthday-paradox port guessing (symmetric × port-restricted → direct)."""
+    nat_probe: NatProbeSettings = field(default_factory=NatProbeSettings)
+    """Background NAT classification (RFC 5780 probes); `enabled: false` sends none."""
 
     def __post_init__(self) -> None:
         if self.enabled and not self.server:

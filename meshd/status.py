@@ -66,7 +66,7 @@ def render_peers(tunnel: dict[str, Any]) -> list[str]:
     """The tunnel part of `meshd status`: a header line and one row per peer."""
     head = (f"tunnel {tunnel.get('interface') or '(down)'} {tunnel.get('overlay') or '-'}, "
             f"socket {tunnel.get('local')}, relay {tunnel.get('relayed') or '-'}, "
-            f"control {tunnel.get('control')}, NAT {_nat_text(tunnel.get('nat'))}")
+            f"control {tunnel.get('control')}, NAT {_nat_text(tunnel)}")
     rows = [("PEER", "OVERLAY", "NAT", "PATH", "ENDPOINT", "RTT", "BYTES IN/OUT",
              "LAST HANDSHAKE")]
     for p in tunnel.get("peers", []):
@@ -83,13 +83,19 @@ def render_peers(tunnel: dict[str, Any]) -> list[str]:
                      for r in rows]
 
 
-def _nat_text(nat: Any) -> str:
+def _nat_text(tunnel: dict[str, Any]) -> str:
     """`port-restricted (endpoint-independent mapping, address-and-port-dependent filtering)`;
-    `not classified yet` before the first netcheck finished."""
+    `port-restricted (stored; ...)` while the class is the server's record of an earlier run
+    (our probe has not reported yet); `not classified yet` before anything is known, `unknown
+    (natProbe off)` when the agent does not probe and the server stored nothing."""
+    nat = tunnel.get("nat")
     if not isinstance(nat, dict) or not nat.get("natType"):
-        return "not classified yet"
+        return "unknown (natProbe off)" if tunnel.get("natProbe") is False else (
+            "not classified yet")
+    notes = ["stored"] if tunnel.get("natSource") == "stored" else []
     known = [f"{nat[k]} {k}" for k in ("mapping", "filtering") if nat.get(k)]
-    return str(nat["natType"]) + (f" ({', '.join(known)})" if known else "")
+    notes += [", ".join(known)] if known else []
+    return str(nat["natType"]) + (f" ({'; '.join(notes)})" if notes else "")
 
 
 def prometheus_samples(samples: Sequence[tuple[str, dict[str, str], float]]) -> str:

@@ -10,11 +10,16 @@ that case on loopback).
 The first round of checks of a pair usually starts before either side finished its netcheck
 (~3 s), so it is labelled `unknown`; the test then restarts n3, whose NAT the server kept: the
 new rounds of n1 and n2 with it carry both classes.
+
+Then n2 restarts with `tunnel.natProbe.enabled: false`: it sends no probe, and its class is the
+one the server stored, from its welcome (`natSource: stored`, `meshd status` says "(stored)").
 """
 
 from __future__ import annotations
 
 import json
+import re
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -23,6 +28,8 @@ import pytest
 from netlab.demo import MissionLab
 from netlab.nat import EXPECTED
 from netlab.serviceplane import wait_for
+
+from meshd.status import render_peers
 
 SITES: dict[str, dict[str, Any]] = {
     "a": {"nat": "full-cone", "nodes": ["n1"]},
@@ -101,3 +108,35 @@ def test_punch_metrics_carry_both_classes(lab: MissionLab) -> None:
     assert {k for k in m3 if k.startswith("meshd_tunnel_punch_attempts_total")} <= {
         f'meshd_tunnel_punch_attempts_total{{nat="{own}",peerNat="{peer}"}}'
         for own in ("unknown", "symmetric") for peer in ("full-cone", "port-restricted")}
+
+
+def test_without_natprobe_the_stored_class_comes_with_the_welcome(lab: MissionLab) -> None:
+    wait_classified(lab)
+    lab.stop_agent("n2")
+    log = lab.agent_logs["n2"]
+    start = len(log.read_text())
+    lab.agent_overrides["n2"] = {"natProbe": {"enabled": False}}
+    try:
+        lab.start_agent("n2")
+        lab.wait_agent("n2", timeout=60)
+        wait_for(lambda: lab.tunnel("n2").get("natSource") == "stored",
+                 f"n2 has its stored class (now {lab.tunnel('n2').get('natSource')})",
+                 timeout=30, step=0.5)
+        time.sleep(6)  # longer than the probe's first delay plus a run, were it on
+        tunnel = lab.tunnel("n2")
+        assert tunnel["nat"] == expected("n2") and tunnel["natSource"] == "stored"
+        assert tunnel["natProbe"] is False
+        head = render_peers(tunnel)[0]
+        print(head)
+        assert "NAT port-restricted (stored; " in head
+        text = log.read_text()[start:]
+        assert "tunnel.nat_probe_off" in text
+        assert not re.search(r" tunnel\.nat(_failed|_recheck)? ", text), text[-2000:]
+        # Peers still see its class (the server's record), so guessing pairs keep working.
+        for node in ("n1", "n3"):
+            wait_for(lambda node=node: {p["node"]: p.get("nat") for p in  # type: ignore[misc]
+                                        lab.tunnel(node).get("peers", [])}.get("n2")
+                     == "port-restricted", f"{node} sees n2 as port-restricted",
+                     timeout=15, step=0.5)
+    finally:
+        lab.agent_overrides.pop("n2", None)

@@ -34,7 +34,9 @@ Versions: the hello says `config.version` (the newest); a server that refuses it
 `unsupported-version` (a version 1 server refuses anything but 1) gets a hello of
 `MIN_PROTOCOL_VERSION` on the next attempt, until a session ends (a restarted server may be
 newer). `report_nat` sends a `nat` message in a session of version 2 or later; otherwise the
-NAT waits for the next hello, which always carries the latest one.
+NAT waits for the next hello, which always carries the latest one. A version 2 welcome carries
+the NAT the server stored for this node (`stored_nat`): `effective_nat` is this agent's own
+classification once it has one, the stored class until then (never the other way round).
 """
 
 from __future__ import annotations
@@ -172,6 +174,10 @@ class Welcomed:
     """The server's Unix time."""
     sessions: int
     """Sessions so far, this one included (1 = first connect)."""
+    nat: NatSummary | None = None
+    """This node's NAT as the server stored it (last report, maybe from before a restart);
+    None when it has none or the session is version 1. `ControlClient.effective_nat` uses it
+    until this agent classifies its NAT itself."""
 
 
 @dataclass(frozen=True)
@@ -303,6 +309,8 @@ class ControlClient:
         """Silence after which the server counts as gone (the server's, from the welcome)."""
         self.version: int | None = None
         """Protocol version of the current (or last) session, from its welcome."""
+        self.stored_nat: NatSummary | None = None
+        """This node's NAT as the server stored it, from the latest welcome."""
         self._hello_version = config.version
         self._nat = config.nat
         self._nat_told: NatSummary | None = None  # what the current session's server has
@@ -332,6 +340,20 @@ class ControlClient:
     def nat(self) -> NatSummary | None:
         """This node's NAT as last reported (config, then `report_nat`)."""
         return self._nat
+
+    @property
+    def effective_nat(self) -> NatSummary | None:
+        """This node's NAT to act on (guessing, metric labels, status): our own classification
+        (`nat`) once there is one, else the class the server stored (`stored_nat`)."""
+        return self._nat if self._nat is not None else self.stored_nat
+
+    @property
+    def nat_source(self) -> str | None:
+        """Where `effective_nat` comes from: `probed` (our own classification), `stored` (the
+        server's record, from the welcome) or None (no class yet)."""
+        if self._nat is not None:
+            return "probed"
+        return "stored" if self.stored_nat is not None else None
 
     def report_nat(self, nat: NatSummary, now: float) -> None:
         """This node's NAT was (re)classified: tell the server now when the session allows it
@@ -518,14 +540,16 @@ class ControlClient:
         self.node, self.overlay, self.turn = welcome.node, welcome.overlay, welcome.turn
         self.keepalive_s, self.idle_timeout_s = welcome.keepalive_s, welcome.idle_timeout_s
         self.version = welcome.version
+        self.stored_nat = welcome.nat
         self.sessions += 1
         self._ready_at = now
         self._next_ping = now + self.keepalive_s
         self._pings.clear()
         event(log, logging.INFO, "control.welcome", node=welcome.node, overlay=welcome.overlay,
-              session=self.sessions, turn=welcome.turn is not None)
+              session=self.sessions, turn=welcome.turn is not None,
+              stored_nat=welcome.nat.nat_type if welcome.nat is not None else "-")
         self._events.append(Welcomed(welcome.node, welcome.overlay, welcome.turn,
-                                     welcome.server_time, self.sessions))
+                                     welcome.server_time, self.sessions, welcome.nat))
         self._tell_nat()  # reported while the hello was on its way
 
     def _replace_peers(self, peers: tuple[PeerInfo, ...]) -> None:

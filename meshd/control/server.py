@@ -19,7 +19,8 @@ What it does:
 - A hello of any version from `MIN_PROTOCOL_VERSION` up is accepted; the session speaks the
   lower of the hello's and ours (told in the welcome). A NAT comes in the hello or, in version 2
   sessions, in a `nat` message (rate-limited like signals); a change is saved and announced
-  (`peerJoined`) to every other online node.
+  (`peerJoined`) to every other online node. A version 2 welcome carries the node's stored NAT
+  (so a restarted agent knows its class before its own probe ends).
 - A second connection of the same node replaces the first once its hello is accepted (the old
   one gets `replaced`); peers see no leave/join, only a `peerJoined` if the entry changed.
 - Signals are routed between online nodes only, stamped with the sender's name, limited in
@@ -470,8 +471,11 @@ class ControlServer:
         self.metrics.hellos += 1
         cfg = self.config
         overlay = ipaddress.IPv4Interface(f"{record.overlay}/{cfg.overlay_network.prefixlen}")
+        stored = self.registry.get(node)  # the hello's NAT, else the last one reported
         welcome = Welcome(node, overlay, now, cfg.keepalive_s, cfg.idle_timeout_s,
-                          self._grant(session, now), session.version)
+                          self._grant(session, now), session.version,
+                          stored.nat if stored is not None and session.version >= NAT_VERSION
+                          else None)
         self._send(session, welcome, out)
         self._send(session, Peers(tuple(p for n, p in sorted(self._published.items())
                                         if n != node)), out)

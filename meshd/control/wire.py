@@ -20,9 +20,11 @@ camelCase; unknown fields are ignored (a newer peer may add some), an unknown `t
 
 Versions: the hello carries the highest version the agent speaks, the welcome the version of the
 session, min(agent's, server's); a server accepts any version from `MIN_PROTOCOL_VERSION` up.
-Version 2 adds `nat` (agent -> server). Servers of version 1 refuse any hello but version 1
-(`unsupported-version`): the agent then says hello again with version 1, and never sends `nat`
-in a version 1 session (its NAT still reaches the server in the hello of the next session).
+Version 2 adds `nat` (agent -> server) and the welcome's `nat` (the agent's stored class, so a
+restarted agent knows it before its own probe ends). Servers of version 1 refuse any hello but
+version 1 (`unsupported-version`): the agent then says hello again with version 1, and never
+sends `nat` in a version 1 session (its NAT still reaches the server in the hello of the next
+session).
 
     type         direction        fields
     -----------  ---------------  ---------------------------------------------------------
@@ -31,7 +33,8 @@ in a version 1 session (its NAT still reaches the server in the hello of the nex
     nat          agent -> server  natType, mapping?, filtering? (v2: the agent's NAT changed;
                                   the server stores it and sends peerJoined to the others)
     welcome      server -> agent  version, node, overlay ("100.64.0.7/16"), serverTime,
-                                  keepaliveS, idleTimeoutS, turn?
+                                  keepaliveS, idleTimeoutS, turn?, nat? (v2: the NAT the
+                                  server stored for this node, from an earlier session)
     credentials  server -> agent  turn (fresh TURN credentials before the old ones expire)
     peers        server -> agent  peers: the whole table
     peerJoined   server -> agent  peer (added or changed)
@@ -44,7 +47,9 @@ in a version 1 session (its NAT still reaches the server in the hello of the nex
 A peer entry is `{"node", "overlay": "100.64.0.7", "staticKey", "online", "nat"?, "groups"?}`;
 `nat` is `{"natType", "mapping"?, "filtering"?}` (from `meshd netcheck`: natType one of `NAT_TYPES`,
 mapping and filtering one of `BEHAVIOURS`, absent when untested; the server refuses other values
-from agents, an agent reads a value it does not know from the server as `unknown`/absent); `turn` is
+from agents, an agent reads a value it does not know from the server as `unknown`/absent; a
+welcome's `nat` is read only when its `version` is 2 or more, so a v1 agent never sees it and an
+older v2 agent skips it as an unknown field); `turn` is
 `{"username", "password", "expiresAt", "realm", "servers": [{"host", "port", "transport"}]}`.
 
 Any bytes given to `parse_body`, `parse_frame` or `FrameDecoder.feed` either parse or raise
@@ -220,12 +225,17 @@ class Welcome:
     turn: TurnGrant | None = None
     """TURN credentials, when the server has a relay secret."""
     version: int = PROTOCOL_VERSION
-    """The protocol version of the server."""
+    """The protocol version of the session."""
+    nat: NatSummary | None = None
+    """The NAT the server stored for this node (its last report), if any; version 2+ only."""
 
     def __post_init__(self) -> None:
         _check_node(self.node)
         if not (self.keepalive_s > 0 and self.idle_timeout_s > 0):
             raise ValueError("keepaliveS and idleTimeoutS must be positive")
+        if self.nat is not None and self.version < NAT_VERSION:
+            raise ValueError(f"a welcome of version {self.version} carries no nat "
+                             f"(version {NAT_VERSION} and up)")
 
 
 @dataclass(frozen=True)
@@ -369,6 +379,8 @@ def _welcome_doc(m: Welcome) -> dict[str, Any]:
                            "idleTimeoutS": m.idle_timeout_s}
     if m.turn is not None:
         doc["turn"] = _turn_doc(m.turn)
+    if m.nat is not None:
+        doc["nat"] = _nat_doc(m.nat)
     return doc
 
 
@@ -573,8 +585,12 @@ def _parse_welcome(d: _Doc) -> Welcome:
     if not (keepalive > 0 and idle > 0):
         raise d.fail("keepaliveS", "positive keepaliveS and idleTimeoutS")
     turn = _parse_turn(d.sub("turn")) if d.has("turn") else None
+    version = d.integer("version", 0, 2**31)
+    # Lenient like a peer's NAT (a newer server may know more classes); ignored below v2.
+    nat = (_parse_peer_nat(d.sub("nat")) if version >= NAT_VERSION and d.has("nat")
+           else None)
     return Welcome(d.node("node"), overlay, d.number("serverTime"), keepalive, idle, turn,
-                   d.integer("version", 0, 2**31))
+                   version, nat)
 
 
 def _depth(value: Any) -> int:

@@ -34,7 +34,8 @@ byte and the path machines upgrade to a direct pair when checks prove one. A los
 allocation is retried with backoff; a restart of checks re-runs the STUN query.
 
 Port guessing (`meshd.tunnel.guess`, symmetric × port-restricted pairs once relayed): the NAT
-classes (ours from `ControlClient.nat`, `nat_changed`; the peer's from the peer table) give
+classes (ours from `ControlClient.effective_nat`: our probe's, else the class the server stored
+and sent in the welcome; `nat_changed`; the peer's from the peer table) give
 each path machine its side; a hard-side phase takes the node-wide socket pool, which the adapter
 opens on `GuessSocketsWanted` (`guess_sockets_opened`) and closes on `GuessSocketsReleased`;
 pool sockets' reads come in through `receive_pool_reads`, and `Transmit.source` says which
@@ -400,6 +401,7 @@ class MeshNode:
         self._link_changed = False
         self._relay_keepalive_at: float | None = None
         self._pool = GuessPool(config.punch.guess.sockets)
+        self._nat_seen = control.effective_nat  # the class the guess sides were set from
 
     # --- inputs: control ------------------------------------------------------------------------
 
@@ -450,6 +452,8 @@ class MeshNode:
             for name, peer in self._peers.items():
                 if peer.info.online and peer.machine.local_description().candidates:
                     self._send_description(name, peer.machine, now)
+        if self.control.effective_nat != self._nat_seen:  # a stored class came with the welcome
+            self.nat_changed(now)
 
     def _peers_changed(self, peers: Mapping[str, PeerInfo], removed: Iterable[str],
                        now: float) -> None:
@@ -766,7 +770,9 @@ class MeshNode:
         self._pool_gc(now)
 
     def nat_changed(self, now: float) -> None:
-        """Our NAT class changed (`ControlClient.report_nat`): which peers we guess with."""
+        """Our NAT class changed (`ControlClient.report_nat`, or a stored class from the
+        welcome): which peers we guess with."""
+        self._nat_seen = self.control.effective_nat
         for name, peer in self._peers.items():
             self._update_guess_side(peer, now)
             self._drain_machine(name, peer, now)
@@ -962,7 +968,7 @@ class MeshNode:
 
     def _nat_pair(self, peer: _Peer) -> tuple[str, str]:
         """Labels of the punch metrics: the outcome depends on both NATs (design §6)."""
-        ours = self.control.nat
+        ours = self.control.effective_nat
         return (ours.nat_type if ours is not None else "unknown",
                 peer.info.nat.nat_type if peer.info.nat is not None else "unknown")
 

@@ -601,7 +601,9 @@ class TunnelService:
             "relayed": (f"{node.relayed_address[0]}:{node.relayed_address[1]}"
                         if node.relayed_address else None),
             "control": node.control.state.value,
-            "nat": _nat_doc(node.control.nat),
+            "nat": _nat_doc(node.control.effective_nat),
+            "natSource": node.control.nat_source,
+            "natProbe": self.nat_probe is not None,
             "guessPool": len(self._pool),
             "peers": [p.as_dict() for p in node.peer_status()],
         }

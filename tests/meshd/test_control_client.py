@@ -421,6 +421,38 @@ def test_a_nat_reported_while_the_hello_is_on_its_way_follows_the_welcome() -> N
     assert d.sent[-1] == Nat(PR)
 
 
+def test_the_stored_nat_of_the_welcome_is_used_until_our_own_report() -> None:
+    d = Driver()
+    assert (d.client.effective_nat, d.client.nat_source) == (None, None)
+    d.client.start(d.now)
+    d.drain()
+    d.connect()
+    d.feed(Welcome("edge-1", OVERLAY, 1.7e9, 5.0, 15.0, GRANT, 2, PR), Peers(()))
+    (welcomed,) = [e for e in d.take() if isinstance(e, Welcomed)]
+    assert welcomed.nat == PR and d.client.stored_nat == PR
+    assert (d.client.effective_nat, d.client.nat_source) == (PR, "stored")
+    assert d.client.nat is None  # not ours: never sent back as if we had probed it
+    assert not any(isinstance(m, Nat) for m in d.sent)
+    d.client.report_nat(SYM, d.now)  # our probe: it wins
+    assert (d.client.effective_nat, d.client.nat_source) == (SYM, "probed")
+    # A later welcome with an older stored class never overrides our own result.
+    d.client.connection_lost("reset", d.now)
+    d.advance(5.0)
+    d.connect()
+    assert d.sent[-1] == Hello(KEY, 2, SYM, d.client.config.software)
+    d.feed(Welcome("edge-1", OVERLAY, 1.7e9, 5.0, 15.0, GRANT, 2, PR), Peers(()))
+    assert d.client.stored_nat == PR
+    assert (d.client.effective_nat, d.client.nat_source) == (SYM, "probed")
+
+
+def test_a_welcome_without_a_stored_nat_leaves_the_class_unknown() -> None:
+    d = Driver()
+    d.ready()
+    (welcomed,) = [e for e in d.take() if isinstance(e, Welcomed)]
+    assert welcomed.nat is None
+    assert (d.client.effective_nat, d.client.nat_source) == (None, None)
+
+
 def test_a_version_1_session_never_sends_nat() -> None:
     d = Driver()
     d.client.start(d.now)

@@ -589,6 +589,24 @@ def test_the_nat_survives_offline_and_a_server_restart_and_a_new_hello_without_o
     assert joined.peer.nat == SYM and joined.peer.online
 
 
+def test_the_welcome_carries_the_stored_nat_after_a_server_restart() -> None:
+    store = MemoryRegistryStore()
+    h = Harness(store)
+    a = h.join("a")
+    assert welcome_of(h, a).nat is None  # a new node: nothing stored
+    h.msgs(a)
+    h.send(a, Nat(PR))
+    h.lose(a)
+    restarted = Harness(store)  # a new server process with the same registry
+    a = restarted.join("a")  # the agent restarted too: its hello has no NAT yet
+    assert welcome_of(restarted, a).nat == PR
+    b = restarted.join("b", nat=SYM)  # a NAT in the hello is what is stored by the welcome
+    assert welcome_of(restarted, b).nat == SYM
+    old = restarted.join("a", version=1)  # version 1 sessions never carry it
+    welcome = welcome_of(restarted, old)
+    assert welcome.version == 1 and welcome.nat is None
+
+
 def test_nat_messages_share_the_signal_rate_limit() -> None:
     h = Harness(signal_burst=2, signals_per_s=1.0)
     a, b = h.join("a"), h.join("b")

@@ -48,6 +48,7 @@ from meshd.control.service import (
     agent_tls_context,
     server_tls_context,
 )
+from meshd.control.wire import NatSummary
 from meshd.turn.credentials import rest_password
 
 SECRET = b"control-test-secret"
@@ -340,6 +341,42 @@ def test_server_restart_clients_reregister_fast_with_the_same_addresses(
         finally:
             await one.connector.close()
             await two.connector.close()
+            await service.close()
+
+    run(main)
+
+
+def test_a_restarted_agent_learns_its_stored_nat_from_the_welcome(pki: Pki,
+                                                                  tmp_path: Path) -> None:
+    """Agent and server both restart; the registry file kept the NAT the agent reported."""
+    stored = NatSummary("port-restricted", "endpoint-independent", "address-and-port-dependent")
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        core = server_core(tmp_path)
+        service = await start_service(pki, core)
+        port = service.address[1]
+        one = Agent(port, node_tls(pki, "edge-1"), 1)
+        again: Agent | None = None
+        try:
+            assert (await one.next(Welcomed)).nat is None  # a new node: nothing stored
+            one.client.report_nat(stored, loop.time())
+            one.connector.flush()
+            deadline = loop.time() + 5.0
+            while (record := core.registry.get("edge-1")) is None or record.nat != stored:
+                assert loop.time() < deadline, "the nat message never reached the registry"
+                await asyncio.sleep(0.02)
+            await one.connector.close()
+            await service.close()
+            service = await start_service(pki, server_core(tmp_path), port)
+            again = Agent(port, node_tls(pki, "edge-1"), 1)  # a fresh agent process
+            welcomed = await again.next(Welcomed)
+            assert welcomed.nat == stored and again.client.nat is None
+            assert (again.client.effective_nat, again.client.nat_source) == (stored, "stored")
+        finally:
+            await one.connector.close()
+            if again is not None:
+                await again.connector.close()
             await service.close()
 
     run(main)

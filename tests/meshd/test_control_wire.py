@@ -103,6 +103,8 @@ ALL: list[Message] = [
     Hello(KEY, 1, NatSummary("symmetric"), "meshd (edgeweave) 0.1.0"),
     Welcome("edge-1", ipaddress.IPv4Interface("100.64.0.7/16"), 1.5, 5.0, 15.0),
     Welcome("edge-1", ipaddress.IPv4Interface("10.0.0.1/8"), 0.0, 0.5, 2.0, GRANT, 1),
+    Welcome("edge-1", ipaddress.IPv4Interface("100.64.0.7/16"), 1.5, 5.0, 15.0, None, 2,
+            NatSummary("port-restricted", "endpoint-independent", "address-and-port-dependent")),
     Credentials(GRANT),
     Peers(()),
     Peers((PEER, PeerInfo("a.b", ipaddress.IPv4Address("100.64.0.1"), bytes(32), False))),
@@ -163,6 +165,79 @@ def test_agents_may_only_name_known_nat_values(doc: dict[str, Any], error: str) 
         parse_body(body_of(type="nat", **doc))
     with pytest.raises(ControlProtocolError, match=r"hello\.nat"):
         parse_body(body_of(type="hello", version=2, staticKey=KEY_B64, nat=doc))
+
+
+WELCOME_DOC: dict[str, Any] = {"type": "welcome", "version": 2, "node": "edge-1",
+                               "overlay": "100.64.0.7/16", "serverTime": 1700000000.5,
+                               "keepaliveS": 5.0, "idleTimeoutS": 15.0}
+
+
+def test_welcome_carries_the_stored_nat_in_version_2() -> None:
+    stored = NatSummary("symmetric", "address-and-port-dependent")
+    welcome = Welcome("edge-1", ipaddress.IPv4Interface("100.64.0.7/16"), 1700000000.5, 5.0,
+                      15.0, nat=stored)
+    assert json.loads(encode_body(welcome)) == {
+        **WELCOME_DOC, "nat": {"natType": "symmetric", "mapping": "address-and-port-dependent"}}
+    assert encode_frame(welcome) == (
+        b'\x00\x00\x00\xcc{"type":"welcome","version":2,"node":"edge-1",'
+        b'"overlay":"100.64.0.7/16","serverTime":1700000000.5,"keepaliveS":5.0,'
+        b'"idleTimeoutS":15.0,"nat":{"natType":"symmetric",'
+        b'"mapping":"address-and-port-dependent"}}')
+    assert parse_body(encode_body(welcome)) == welcome
+    # Without the field (a server that stored nothing for this node, or an older one).
+    plain = parse_body(body_of(**WELCOME_DOC))
+    assert isinstance(plain, Welcome) and plain.nat is None
+    assert "nat" not in json.loads(encode_body(plain))
+
+
+def test_a_version_1_welcome_has_no_nat() -> None:
+    # Only version 2 sessions carry it: a v1 agent never sees one, and we read none in v1.
+    doc = {**WELCOME_DOC, "version": 1, "nat": {"natType": "symmetric"}}
+    welcome = parse_body(body_of(**doc))
+    assert isinstance(welcome, Welcome) and welcome.version == 1 and welcome.nat is None
+    with pytest.raises(ValueError, match="version 1 carries no nat"):
+        Welcome("edge-1", ipaddress.IPv4Interface("100.64.0.7/16"), 0.0, 5.0, 15.0, None, 1,
+                NatSummary("symmetric"))
+
+
+def test_a_stored_nat_with_values_we_do_not_know_reads_as_unknown() -> None:
+    doc = {**WELCOME_DOC, "nat": {"natType": "quantum", "filtering": "teleporting",
+                                  "mapping": "endpoint-independent", "later": 1}}
+    welcome = parse_body(body_of(**doc))
+    assert isinstance(welcome, Welcome)
+    assert welcome.nat == NatSummary("unknown", "endpoint-independent", None)
+
+
+@pytest.mark.parametrize(("nat", "error"), [
+    ("symmetric", "welcome.nat: expected an object"),
+    ([], "welcome.nat: expected an object"),
+    ({}, "welcome.nat.natType: expected a non-empty string"),
+    ({"natType": 3}, "welcome.nat.natType: expected a non-empty string"),
+    ({"natType": "symmetric", "mapping": ["x"]}, "welcome.nat.mapping: expected a non-empty"),
+])
+def test_a_malformed_stored_nat_is_a_protocol_error_naming_the_field(nat: Any,
+                                                                    error: str) -> None:
+    with pytest.raises(ControlProtocolError, match=re.escape(error)):
+        parse_body(body_of(**WELCOME_DOC, nat=nat))
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.integers(0, 4), st.none() | st.booleans() | st.integers() | st.text(max_size=20)
+       | st.lists(st.text(max_size=5), max_size=3)
+       | st.dictionaries(st.sampled_from(["natType", "mapping", "filtering", "x"]),
+                         st.none() | st.integers() | st.text(max_size=30)
+                         | st.sampled_from(sorted(NAT_TYPES | BEHAVIOURS)), max_size=4))
+def test_any_stored_nat_parses_to_known_values_or_raises_protocol_error(version: int,
+                                                                        nat: Any) -> None:
+    try:
+        welcome = parse_body(body_of(**{**WELCOME_DOC, "version": version, "nat": nat}))
+    except ControlProtocolError:
+        return
+    assert isinstance(welcome, Welcome)
+    if welcome.nat is not None:
+        assert version >= 2 and welcome.nat.nat_type in NAT_TYPES
+        assert {welcome.nat.mapping, welcome.nat.filtering} <= BEHAVIOURS | {None}
+    assert parse_body(encode_body(welcome)) == welcome
 
 
 def test_peer_nat_values_a_newer_server_invents_read_as_unknown() -> None:
@@ -374,6 +449,9 @@ messages: st.SearchStrategy[Message] = st.one_of(
     st.builds(PeerLeft, names),
     st.builds(Signal, names, payloads),
     st.builds(Nat, summaries),
+    st.builds(Welcome, names, st.builds(ipaddress.IPv4Interface, st.ip_addresses(v=4)),
+              st.floats(0, 2e9), st.floats(0.1, 60), st.floats(0.1, 60), st.none(),
+              st.integers(2, 9), nats),
     st.builds(Ping, st.integers(0, 2**63 - 1)),
     st.builds(Pong, st.integers(0, 2**63 - 1)),
     st.builds(Error, st.text(min_size=1, max_size=10), st.text(max_size=10),

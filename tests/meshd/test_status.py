@@ -72,3 +72,22 @@ def test_tunnel_part_shows_our_nat_and_each_peers() -> None:
     assert "NAT not classified yet" in render_status(doc)
     doc["tunnel"]["nat"] = {"natType": "unknown"}  # a server without an alternate address
     assert render_status(doc).count("NAT unknown") == 1
+
+
+def test_the_nat_line_says_a_class_is_the_stored_one_until_probed() -> None:
+    doc = status_document(catalog(), rules_in_place=True)
+    doc["tunnel"] = {"interface": "mesh0", "overlay": "100.64.0.1/16", "local": "10.0.0.1:5000",
+                     "relayed": None, "control": "ready", "peers": [],
+                     "nat": {"natType": "port-restricted"}, "natSource": "stored",
+                     "natProbe": True}
+    assert render_status(doc).splitlines()[-2].endswith("NAT port-restricted (stored)")
+    doc["tunnel"]["nat"] = {"natType": "port-restricted", "mapping": "endpoint-independent",
+                            "filtering": "address-and-port-dependent"}
+    assert "NAT port-restricted (stored; endpoint-independent mapping, address-and-port-" \
+        "dependent filtering)" in render_status(doc)
+    doc["tunnel"]["natSource"] = "probed"
+    assert "NAT port-restricted (endpoint-independent mapping, " in render_status(doc)
+    doc["tunnel"].update(nat=None, natSource=None, natProbe=False)
+    assert "NAT unknown (natProbe off)" in render_status(doc)
+    doc["tunnel"]["natProbe"] = True
+    assert "NAT not classified yet" in render_status(doc)

@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 
 from edgeweave.config import ConfigError, dump_yaml, load_config
-from meshd.config import MeshdConfig, TunnelConfig
+from meshd.config import MeshdConfig, NatProbeSettings, TunnelConfig
 from meshd.status import render_status
+from meshd.tunnel.natprobe import NatProbeConfig
 
 
 def test_tunnel_is_off_by_default_and_round_trips(tmp_path: Path) -> None:
@@ -44,6 +45,40 @@ def test_tunnel_errors_name_the_field(tmp_path: Path, text: str, message: str) -
     with pytest.raises(ConfigError) as info:
         load_config(MeshdConfig, path)
     assert str(path) in str(info.value) and message in str(info.value)
+
+
+def test_nat_probe_is_on_by_default_and_can_be_turned_off(tmp_path: Path) -> None:
+    assert TunnelConfig().nat_probe == NatProbeSettings(True)
+    # The agent builds meshd.tunnel.natprobe.NatProbeConfig from these: same defaults.
+    probe = NatProbeConfig()
+    defaults = NatProbeSettings()
+    assert (defaults.first_delay_s, defaults.min_interval_s, defaults.retry_s,
+            defaults.max_retry_s) == (probe.first_delay_s, probe.min_interval_s,
+                                      probe.retry_s, probe.max_retry_s)
+    path = tmp_path / "meshd.yaml"
+    path.write_text("tunnel:\n  natProbe: {enabled: false, minIntervalS: 300, retryS: 60, "
+                    "maxRetryS: 3600, firstDelayS: 2}\n")
+    config = load_config(MeshdConfig, path)
+    assert config.tunnel.nat_probe == NatProbeSettings(False, 2.0, 300.0, 60.0, 3600.0)
+    again = tmp_path / "again.yaml"
+    again.write_text(dump_yaml(config))
+    assert load_config(MeshdConfig, again) == config
+
+
+@pytest.mark.parametrize("text,message", [
+    ("{enabled: 'no'}", "tunnel.natProbe.enabled: expected true"),
+    ("{firstDelayS: -1}", "tunnel.natProbe: firstDelayS: -1"),
+    ("{minIntervalS: 0}", "tunnel.natProbe: minIntervalS: 0"),
+    ("{retryS: 0.5}", "tunnel.natProbe: retryS: 0.5"),
+    ("{retryS: 120, maxRetryS: 60}", "tunnel.natProbe: maxRetryS: 60"),
+    ("{intervalS: 5}", "unknown field 'intervalS'"),
+])
+def test_nat_probe_errors_name_the_field(tmp_path: Path, text: str, message: str) -> None:
+    path = tmp_path / "meshd.yaml"
+    path.write_text(f"tunnel:\n  natProbe: {text}\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(MeshdConfig, path)
+    assert message in str(info.value)
 
 
 def test_status_renders_the_peer_table() -> None:

@@ -9,6 +9,7 @@ opened and closed by the harness the way the asyncio adapter does."""
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import random
 import resource
 from collections.abc import Iterator
@@ -34,6 +35,7 @@ from edgeweave.config import ConfigError, dump_yaml, load_config
 from edgeweave.pki import node_identity
 from meshd.config import MeshdConfig, PortGuessingConfig, TunnelConfig
 from meshd.control.client import ControlClient, ControlClientConfig
+from meshd.control.registry import NodeRecord
 from meshd.control.wire import NatSummary
 from meshd.simnet import SimNat
 from meshd.status import render_peers
@@ -344,6 +346,57 @@ def test_a_class_learnt_while_relayed_starts_the_phase() -> None:
     world.run(5.0)
     assert world.path("edge-a", "edge-b") == world.path("edge-b", "edge-a") == "direct"
     assert world.row("edge-a", "edge-b").guessed
+
+
+def test_restarted_agents_guess_from_their_stored_classes_before_probing() -> None:
+    """Both agents restart (no class of their own yet) against a server that stored their
+    classes earlier: the welcomes bring them, and the pair guesses its way to direct."""
+    world = GuessWorld(seed=6)
+    stored = {"edge-a": "symmetric", "edge-b": "port-restricted"}
+    for i, (name, nat) in enumerate(sorted(stored.items())):
+        static = X25519PrivateKey.from_private_bytes(hashlib.sha256(name.encode()).digest())
+        world.store.records[name] = NodeRecord(ipaddress.IPv4Address(f"100.64.0.{10 + i}"),
+                                               public_bytes(static), NatSummary(nat))
+    world.restart_server()  # a server process that loads those records
+    world.net.add_nat(SimNat(SYM_IP, "10.0.1.0/24", **SYMMETRIC))
+    world.net.add_nat(SimNat(PR_IP, "10.0.2.0/24", **PORT_RESTRICTED))
+    world.add("edge-a", ("10.0.1.2", 41641))
+    world.add("edge-b", ("10.0.2.2", 52113))
+    world.run(1.0)
+    for name, nat in stored.items():
+        client = world.plane.client(name)
+        assert client.nat is None and client.nat_source == "stored"
+        assert client.effective_nat == NatSummary(nat)
+    world.run(12.0)
+    assert world.path("edge-a", "edge-b") == world.path("edge-b", "edge-a") == "direct"
+    assert world.row("edge-a", "edge-b").guessed
+    assert set(world.nodes["edge-a"].metrics.punch_attempts) == {
+        ("symmetric", "port-restricted")}
+    # Our probe's result wins, also over the stored class a later welcome brings.
+    client = world.plane.client("edge-a")
+    client.report_nat(NatSummary("full-cone"), world.plane.now)
+    world.nodes["edge-a"].nat_changed(world.net.now)
+    world.run(0.5)
+    world.store.records["edge-a"] = NodeRecord(  # an older class than our report
+        world.store.records["edge-a"].overlay, world.store.records["edge-a"].static_key,
+        NatSummary("symmetric"))
+    world.restart_server()
+    world.run(3.0)
+    # The hello carried our class, so the server stored it before its welcome.
+    assert client.sessions == 2 and client.stored_nat == NatSummary("full-cone")
+    assert (client.effective_nat, client.nat_source) == (NatSummary("full-cone"), "probed")
+
+
+def test_without_a_stored_class_a_restarted_agent_does_not_guess() -> None:
+    world = GuessWorld(seed=6)
+    world.net.add_nat(SimNat(SYM_IP, "10.0.1.0/24", **SYMMETRIC))
+    world.net.add_nat(SimNat(PR_IP, "10.0.2.0/24", **PORT_RESTRICTED))
+    world.add("edge-a", ("10.0.1.2", 41641))
+    world.add("edge-b", ("10.0.2.2", 52113))
+    world.run(13.0)
+    assert world.plane.client("edge-a").nat_source is None
+    assert world.path("edge-a", "edge-b") == "relay"
+    assert world.nodes["edge-a"].metrics.guess_phases == {}
 
 
 def test_the_easy_side_refuses_cues_it_did_not_ask_for() -> None:

@@ -49,6 +49,7 @@ from dataclasses import dataclass, field
 
 from edgeweave.log import event
 from edgeweave.pki.identity import is_valid_node_name
+from edgeweave.ratelimit import TokenBucket
 from meshd.control.registry import Registry, RegistryFull, RegistryStore, RegistryStoreError
 from meshd.control.wire import (
     CLIENT_MAX_FRAME,
@@ -243,11 +244,10 @@ class _Session:
     connected_at: float
     last_rx: float
     decoder: FrameDecoder
+    signals: TokenBucket  # signals and `nat` messages share it
     state: SessionState = SessionState.AWAIT_HELLO
     static_key: bytes = b""
     version: int = MIN_PROTOCOL_VERSION
-    tokens: float = 0.0
-    tokens_at: float = 0.0
     turn_refresh_at: float | None = None
     not_after: float | None = None  # the client certificate's expiry (Unix seconds)
 
@@ -290,7 +290,8 @@ class ControlServer:
                                              "the client certificate names no node")
         self._sessions[conn] = _Session(conn, node, now, now,
                                         FrameDecoder(self.config.max_frame),
-                                        tokens=float(self.config.signal_burst), tokens_at=now,
+                                        TokenBucket.full(self.config.signals_per_s,
+                                                         self.config.signal_burst, now),
                                         not_after=not_after)
         if self._next_sweep is None:
             self._next_sweep = now + self.config.sweep_interval_s
@@ -487,10 +488,9 @@ class ControlServer:
     def _signal(self, session: _Session, signal: Signal, now: float, out: list[Output]) -> None:
         cfg = self.config
         target = self._online.get(signal.peer)
-        self._refill(session, now)
         if signal.peer == session.node:
             return self._drop(session, signal, ErrorCode.BAD_PEER, "a signal to oneself", out)
-        if not self._take_token(session, now):
+        if not session.signals.take(now):
             return self._drop(session, signal, ErrorCode.RATE_LIMITED,
                               f"over {cfg.signals_per_s:g} signals/s", out)
         if target is None:
@@ -510,7 +510,7 @@ class ControlServer:
             self._protocol_error(session, f"nat needs protocol version {NAT_VERSION}, the "
                                  f"session speaks {session.version}", now, out)
             return
-        if not self._take_token(session, now):
+        if not session.signals.take(now):
             dropped = self.metrics.signals_dropped
             dropped["rate-limited"] = dropped.get("rate-limited", 0) + 1
             self._send(session, Error(ErrorCode.RATE_LIMITED.value,
@@ -533,20 +533,6 @@ class ControlServer:
         self.metrics.nat_reports += 1
         event(log, logging.INFO, "control.nat", node=session.node, nat_type=nat.nat_type,
               mapping=nat.mapping or "-", filtering=nat.filtering or "-")
-        return True
-
-    def _refill(self, session: _Session, now: float) -> None:
-        cfg = self.config
-        session.tokens = min(float(cfg.signal_burst),
-                             session.tokens + (now - session.tokens_at) * cfg.signals_per_s)
-        session.tokens_at = now
-
-    def _take_token(self, session: _Session, now: float) -> bool:
-        """Signals and `nat` messages share one token bucket per session."""
-        self._refill(session, now)
-        if session.tokens < 1:
-            return False
-        session.tokens -= 1
         return True
 
     def _drop(self, session: _Session, signal: Signal, code: ErrorCode, text: str,

@@ -60,6 +60,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from edgeweave.log import event
+from edgeweave.ratelimit import KeyedBuckets, TokenBucket
 from meshd.control.client import (
     ControlClient,
     ControlEvent,
@@ -114,7 +115,7 @@ from meshd.tunnel.session import (
     Rejected,
     TunnelConfig,
 )
-from meshd.tunnel.wire import TYPE_DATA, TYPE_FRAGMENT, OverlayAddress
+from meshd.tunnel.wire import TYPE_DATA, TYPE_FRAGMENT, TYPE_INITIATION, OverlayAddress
 from meshd.turn.client import (
     Allocated,
     AllocationFailed,
@@ -158,6 +159,20 @@ class MeshConfig:
     relay_keepalive_s: float = 5.0
     """A Binding indication to the TURN server this often keeps our NAT's mapping towards it
     (the relay's way back to us) open, and reopens it within this time after NAT state loss."""
+    initiations_per_source_s: float = 2.0
+    """Handshake initiations taken from one source address per second (burst
+    `initiation_source_burst`). An initiation costs the responder X25519 operations and maybe a
+    certificate check (~1 ms) before it can tell garbage from a peer: the limits keep a flood
+    from taking the data plane's CPU. Peers initiate on rekey (every 2 min) and on retries
+    (after 1 s, doubling to 5 s), below them."""
+    initiation_source_burst: float = 5.0
+    """Initiations one source may send back to back."""
+    initiations_per_s: float = 100.0
+    """Initiations taken per second from all sources together (burst `initiation_burst`)."""
+    initiation_burst: float = 200.0
+    """Initiations taken back to back from all sources together."""
+    initiation_sources: int = 4096
+    """Source addresses whose initiation rate is tracked (least recently seen go first)."""
 
 
 # --- events ------------------------------------------------------------------------------------
@@ -401,6 +416,11 @@ class MeshNode:
         self._link_changed = False
         self._relay_keepalive_at: float | None = None
         self._pool = GuessPool(config.punch.guess.sockets)
+        self._initiation_sources: KeyedBuckets[Address] = KeyedBuckets(
+            config.initiations_per_source_s, config.initiation_source_burst,
+            config.initiation_sources)
+        self._initiations = TokenBucket.full(config.initiations_per_s, config.initiation_burst,
+                                             0.0)
         self._nat_seen = control.effective_nat  # the class the guess sides were set from
 
     # --- inputs: control ------------------------------------------------------------------------
@@ -715,7 +735,8 @@ class MeshNode:
                     continue
                 first = data[0]
                 if 0xE1 <= first <= 0xE4:
-                    tunnel.append(data)
+                    if first != TYPE_INITIATION or self._admit_initiation(source, now):
+                        tunnel.append(data)
                 elif 0x40 <= first <= 0x7F and source == turn_server and link is not None:
                     peer = link.peer_of.get(int.from_bytes(data[:2], "big"))
                     length = int.from_bytes(data[2:4], "big")
@@ -725,7 +746,8 @@ class MeshNode:
                     self.metrics.relay_bytes_in += len(data)
                     inner = data[4:4 + length]
                     if inner and 0xE1 <= inner[0] <= 0xE4:
-                        tunnel.append(inner)
+                        if inner[0] != TYPE_INITIATION or self._admit_initiation(peer, now):
+                            tunnel.append(inner)
                     else:
                         self._data_only = False
                         self._inner(inner, peer, link.relayed_address, now)
@@ -806,10 +828,22 @@ class MeshNode:
     def _inner(self, data: bytes, source: Address, local: Address, now: float) -> None:
         """A datagram the relay forwarded from `source` to our relayed address."""
         if data and 0xE1 <= data[0] <= 0xE4:
+            if data[0] == TYPE_INITIATION and not self._admit_initiation(source, now):
+                return
             if self.endpoint is not None:
                 self._endpoint_events(self.endpoint.receive_batch([data], now), now)
             return
         self._stun(data, source, local, now)
+
+    def _admit_initiation(self, source: Address, now: float) -> bool:
+        """A handshake initiation from `source` is within the per-source and overall limits
+        (`MeshConfig.initiations_per_source_s` and friends); else it is dropped and counted
+        (`rejected["initiation-rate"]`) before it costs any cryptography."""
+        if self._initiation_sources.take(source, now) and self._initiations.take(now):
+            return True
+        rejected = self.metrics.rejected
+        rejected["initiation-rate"] = rejected.get("initiation-rate", 0) + 1
+        return False
 
     def _stun(self, data: bytes, source: Address, local: Address, now: float) -> None:
         if data[0] > 3:

@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 from enum import IntEnum
 
 from edgeweave.log import event
+from edgeweave.ratelimit import TokenBucket
 from meshd.stun.codec import (
     FAMILY_IPV4,
     FAMILY_IPV6,
@@ -308,12 +309,6 @@ class _Reservation:
     expires: float
 
 
-@dataclass(slots=True)
-class _Bucket:
-    tokens: float
-    last: float
-
-
 @dataclass(frozen=True)
 class _Auth:
     username: str
@@ -353,7 +348,7 @@ class TurnServer:
         self._by_udp: dict[tuple[Address, Address], _Allocation] = {}  # (client, server)
         self._by_relay: dict[Address, _Allocation] = {}
         self._per_node: dict[str, int] = {}
-        self._buckets: dict[str, _Bucket] = {}
+        self._buckets: dict[str, TokenBucket] = {}  # bytes per node, one second's worth
         self._reservations: dict[bytes, _Reservation] = {}
         self._streams: dict[FiveTuple, StreamDecoder] = {}
         self._timers: list[tuple[float, int, _Allocation | bytes]] = []
@@ -1081,13 +1076,10 @@ class TurnServer:
             return True
         bucket = self._buckets.get(node)
         if bucket is None:
-            bucket = self._buckets[node] = _Bucket(float(rate), now)
-        bucket.tokens = min(float(rate), bucket.tokens + (now - bucket.last) * rate)
-        bucket.last = now
-        if bucket.tokens < size:
+            bucket = self._buckets[node] = TokenBucket.full(rate, rate, now)
+        if not bucket.take(now, size):
             self.metrics.dropped_rate_limited += 1
             return False
-        bucket.tokens -= size
         return True
 
     # --- expiry ---------------------------------------------------------------------------------

@@ -27,6 +27,7 @@ from meshd.stun.server import ServerAddresses, StunServer
 from meshd.tunnel.mesh import MeshConfig, MeshEvent, MeshNode, PeerPathChanged, ReflexiveChanged
 from meshd.tunnel.noise import public_bytes
 from meshd.tunnel.punch import PunchConfig
+from meshd.tunnel.wire import INITIATION_HEADER, MIN_INITIATION, TYPE_INITIATION
 from meshd.turn.ports import MemoryRelayPorts
 from meshd.turn.server import TurnServer, TurnServerConfig
 from meshd.udp import Address, Transmit, format_address
@@ -279,6 +280,36 @@ def test_replayed_datagram_is_dropped_and_counted() -> None:
         altered[-1] ^= 1
         assert b.receive_batch([(bytes(altered), source)], world.net.now) == []
         assert b.metrics.rejected.get("auth-failed") == 1
+
+
+def test_an_initiation_flood_is_cut_before_it_costs_cryptography() -> None:
+    world = two_nodes(PORT_RESTRICTED, PORT_RESTRICTED)
+    rng = random.Random(9)
+    with world.traced():
+        world.run(3.0)
+        b = world.nodes["edge-b"]
+        config = MeshConfig(stun_server=STUN)
+
+        def initiation() -> bytes:  # well formed on the outside, garbage inside
+            return (INITIATION_HEADER.pack(TYPE_INITIATION, rng.getrandbits(32))
+                    + rng.randbytes(MIN_INITIATION - INITIATION_HEADER.size))
+
+        # One source: its burst is taken, the rest dropped at once.
+        for _ in range(50):
+            assert b.receive_batch([(initiation(), ("198.51.100.66", 4444))],
+                                   world.net.now) == []
+        cut = 50 - int(config.initiation_source_burst)
+        assert b.metrics.rejected["initiation-rate"] == cut
+        # Many sources, one each: the overall burst is taken, the rest dropped.
+        world.run(5.0)
+        flood = [(initiation(), (f"198.51.{i // 250}.{i % 250}", 5000)) for i in range(300)]
+        assert b.receive_batch(flood, world.net.now) == []
+        assert b.metrics.rejected["initiation-rate"] == cut + 300 - int(config.initiation_burst)
+        # The real peer still gets through once the buckets refill: a handshake and data.
+        world.run(3.0)
+        packet = world.send("edge-a", "edge-b", b"after the flood")
+        world.run(1.0)
+        assert packet in world.tun["edge-b"]
 
 
 def test_server_restart_direct_keeps_flowing_relayed_recovers() -> None:

@@ -21,20 +21,14 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_tunnel_mesh import (
-    CA,
-    CERT_TIME,
-    EPOCH,
     PORT_RESTRICTED,
-    STUN,
     SYMMETRIC,
     World,
     ip_packet,
 )
 
 from edgeweave.config import ConfigError, dump_yaml, load_config
-from edgeweave.pki import node_identity
 from meshd.config import MeshdConfig, PortGuessingConfig, TunnelConfig
-from meshd.control.client import ControlClient, ControlClientConfig
 from meshd.control.registry import NodeRecord
 from meshd.control.wire import NatSummary
 from meshd.simnet import SimNat
@@ -48,7 +42,7 @@ from meshd.tunnel.guess import (
     guess_side,
     probe_ports,
 )
-from meshd.tunnel.mesh import MeshConfig, MeshNode, PeerPathChanged
+from meshd.tunnel.mesh import MeshNode, PeerPathChanged
 from meshd.tunnel.noise import public_bytes
 from meshd.tunnel.punch import PunchConfig
 from meshd.tunnel.service import fit_nofile
@@ -65,6 +59,7 @@ class GuessWorld(World):
                  loss: float = 0.0) -> None:
         super().__init__(seed, loss)
         self.guess = guess or PortGuessConfig()
+        self.punch = PunchConfig(guess=self.guess)
         self.open: dict[str, set[Address]] = {}
         self.opened: dict[str, int] = {}
         self.wanted: dict[str, list[int]] = {}
@@ -72,32 +67,10 @@ class GuessWorld(World):
         self._next_port = 20000
 
     def add(self, name: str, host: Address, *, start: bool = True) -> MeshNode:
-        static = X25519PrivateKey.from_private_bytes(hashlib.sha256(name.encode()).digest())
-        client = ControlClient(ControlClientConfig(public_bytes(static)),
-                               random.Random(len(self.nodes) + 7))
-        self.plane.add(name, client)
-        issued = CA.issue_client_cert(node_identity(name), now=CERT_TIME)
-        config = MeshConfig(stun_server=STUN, punch=PunchConfig(guess=self.guess))
-        rebuilt = MeshNode(client, host, certificate=issued.cert, certificate_key=issued.key,
-                           ca_certificate=CA.cert, static_key=static, config=config,
-                           rng=random.Random(self._seed * 100 + len(self.nodes)),
-                           wall_offset=CERT_TIME.timestamp() - EPOCH)
-        self.nodes[name] = rebuilt
-        self.tun[name] = []
-        self.events[name] = []
         self.open[name] = set()
         self.opened[name] = 0
         self.wanted[name] = []
-
-        def handler(data: bytes, source: Address, local: Address) -> list[Transmit]:
-            self.tun[name] += rebuilt.receive_batch([(data, source)], self.net.now)
-            self._collect(name)
-            return rebuilt.datagrams_to_send(self.net.now)
-
-        self.net.attach(host, handler)
-        if start:
-            self.plane.start(name)
-        return rebuilt
+        return super().add(name, host, start=start)
 
     def _collect(self, name: str) -> None:
         node = self.nodes[name]

@@ -66,6 +66,8 @@ class World:
         self.plane = MemoryControlPlane(
             ControlServer(ControlServerConfig(turn_secret=SECRET), self.store), now=EPOCH)
         self._ports = ports
+        self.punch = PunchConfig()
+        """The path machine config of nodes added from now on."""
         self.nodes: dict[str, MeshNode] = {}
         self.tun: dict[str, list[bytes]] = {}
         self.events: dict[str, list[PeerPathChanged]] = {}
@@ -91,7 +93,7 @@ class World:
                                random.Random(len(self.nodes) + 7))
         self.plane.add(name, client)
         issued = CA.issue_client_cert(node_identity(name), now=CERT_TIME)
-        config = MeshConfig(stun_server=STUN, punch=PunchConfig())
+        config = MeshConfig(stun_server=STUN, punch=self.punch)
         node = MeshNode(client, host, certificate=issued.cert, certificate_key=issued.key,
                         ca_certificate=CA.cert, static_key=static, config=config,
                         rng=random.Random(self._seed * 100 + len(self.nodes)),

@@ -268,8 +268,14 @@ def test_udp_sessions_expire(make_lab: Callable[[Any], Lab], tmp_path: Path) -> 
         time.sleep(1.2)
         metrics = mesh.metrics()
         assert metrics['edgeweave_proxy_udp_sessions_active{service="default/web"}'] == 0
-        assert metrics['edgeweave_proxy_udp_sessions_expired_total{service="default/web"}'] == 12
+        # Every session that answered expired: one per client socket (two of the 12 one-shot
+        # sockets may get the same ephemeral port from the kernel and share one, seen in CI),
+        # plus the two that ended when their backend was ejected.
+        sessions = metrics['edgeweave_proxy_udp_sessions_total{service="default/web"}']
         assert metrics['edgeweave_proxy_ejections_total{service="default/web"}'] == 2
+        assert 13 <= sessions <= 14
+        assert metrics['edgeweave_proxy_udp_sessions_expired_total{service="default/web"}'] \
+            == sessions - 2
     finally:
         proxy.terminate()
         proxy.wait(10)

@@ -6,6 +6,7 @@ the tunnel on:
 
     p, q  nat: none             pa, pb   plain routed sites (public addresses)
     a, b  nat: port-restricted  na, nb   behind NATs: the mesh goes direct
+    c, d  nat: port-restricted  nc, nd   the same, agents with `tunnel.fastPath: false`
     s     nat: symmetric        ns       symmetric x port-restricted: the mesh relays
 
 Systems, each a client node sending to a server node:
@@ -14,6 +15,8 @@ Systems, each a client node sending to a server node:
 - `wireguard_go`:     pa → pb through wireguard-go (userspace, like our agent), same hosts;
 - `edgeweave_routed`: pa → pb through the mesh (direct: same hosts as the two above);
 - `edgeweave`:        na → nb through the mesh, direct across two NATs;
+- `edgeweave_python`: nc → nd, the same with every packet through Python (no native fast path:
+                      what `edgeweave` measured before meshd/tunnel/_fastpath.c);
 - `edgeweave_relay`:  ns → nb through the mesh, relayed by `meshd server`.
 
 Per system and round: iperf3 TCP throughput, sockperf TCP ping-pong round trips (p50/p99), and
@@ -54,8 +57,12 @@ SITES = {
     "q": {"nat": "none", "nodes": ["pb"]},
     "a": {"nat": "port-restricted", "nodes": ["na"]},
     "b": {"nat": "port-restricted", "nodes": ["nb"]},
+    "c": {"nat": "port-restricted", "nodes": ["nc"]},
+    "d": {"nat": "port-restricted", "nodes": ["nd"]},
     "s": {"nat": "symmetric", "nodes": ["ns"]},
 }
+PYTHON_ONLY = ("nc", "nd")
+"""Agents run with `tunnel.fastPath: false` (the `edgeweave_python` system)."""
 IPERF_PORT, SOCKPERF_PORT, BULK_PORT = 5201, 11111, 5300
 MOVE_BYTES = 4 * 1024 * 1024
 MESSAGE_BYTES = 64
@@ -304,11 +311,16 @@ def ratios(results: Results) -> dict[str, Any]:
         out["throughput_relay_to_direct"] = round(c["throughput_mbps"] / b["throughput_mbps"], 2)
     if "move_4mb_ms" in b and "move_4mb_ms" in a:
         out["move_4mb_edgeweave_to_plain"] = round(b["move_4mb_ms"] / a["move_4mb_ms"], 2)
+    python = results.get("edgeweave_python", {})
+    if "throughput_mbps" in b and "throughput_mbps" in python:
+        out["throughput_edgeweave_to_python"] = round(
+            b["throughput_mbps"] / python["throughput_mbps"], 2)
+        out["rtt_p50_edgeweave_to_python"] = round(b["rtt_p50_us"] / python["rtt_p50_us"], 2)
     routed = results.get("edgeweave_routed", {})
     if "throughput_mbps" in routed and "throughput_mbps" in d:
         out["throughput_edgeweave_routed_to_wireguard_go"] = round(
             routed["throughput_mbps"] / d["throughput_mbps"], 2)
-    for name in ("wireguard_go", "edgeweave_routed", "edgeweave_relay"):
+    for name in ("wireguard_go", "edgeweave_routed", "edgeweave_python", "edgeweave_relay"):
         got = results.get(name, {})
         if "move_4mb_ms" in got and "move_4mb_ms" in a:
             out[f"move_4mb_{name}_to_plain"] = round(got["move_4mb_ms"] / a["move_4mb_ms"], 2)
@@ -330,6 +342,12 @@ def run(quick: bool, link_mbit: float | None = None,
     need_root_and({"iperf3": "iperf3", "sockperf": "sockperf"}, "tunnel")
     from netlab.meshlab import MeshLab  # the lab library needs the dev extras
 
+    class BenchLab(MeshLab):
+        def start(self, *, agents: bool = True) -> None:
+            for node in PYTHON_ONLY:
+                self.agent_overrides[node] = {"fastPath": False}
+            super().start(agents=agents)
+
     params = QUICK if quick else FULL
     link = Link(link_mbit or 0.0, link_delay_ms or 0.0)
     sites = {site: {**spec, "link": link.spec()} if link.shaped else spec
@@ -340,12 +358,12 @@ def run(quick: bool, link_mbit: float | None = None,
             f"{link.delay_ms} ms each way")
     with tempfile.TemporaryDirectory(prefix="bench-tunnel-") as tmp_name:
         tmp = Path(tmp_name)
-        with MeshLab.up_sites(tmp, sites, pods=1, clients=1, name="btun") as plane:
+        with BenchLab.up_sites(tmp, sites, pods=1, clients=1, name="btun") as plane:
             lab = plane.lab
             wg: WireguardPair | None = None
             started: list[subprocess.Popen[Any]] = []
             try:
-                for server in ("pb", "nb"):
+                for server in ("pb", "nb", "nd"):
                     started += start_servers(plane, server, tmp)
                 paths = {"plain": Path_("pa", "pb", lab.addr("pb"))}
                 if have("wireguard-go") and have("wg"):
@@ -357,8 +375,10 @@ def run(quick: bool, link_mbit: float | None = None,
                 pb, nb = overlay_of(plane, "pb"), overlay_of(plane, "nb")
                 paths["edgeweave_routed"] = Path_("pa", "pb", pb, "direct")
                 paths["edgeweave"] = Path_("na", "nb", nb, "direct")
+                paths["edgeweave_python"] = Path_("nc", "nd", overlay_of(plane, "nd"), "direct")
                 paths["edgeweave_relay"] = Path_("ns", "nb", nb, "relay")
-                for client, server in (("pa", "pb"), ("na", "nb"), ("ns", "nb")):
+                for client, server in (("pa", "pb"), ("na", "nb"), ("nc", "nd"),
+                                       ("ns", "nb")):
                     # The first packets open the path; wait until it settles where expected.
                     lab.run(client, ["ping", "-c", "2", "-W", "2", overlay_of(plane, server)],
                             check=False)

@@ -99,7 +99,8 @@ async def start_tunnel(config: AgentConfig, tunnel: TunnelConfig) -> TunnelServi
     settings = TunnelSettings(server_host=where.host, control_port=where.port,
                               stun_port=tunnel.stun_port, kubeconfig=kubeconfig,
                               interface=tunnel.interface, mtu=tunnel.mtu,
-                              listen_port=tunnel.listen_port, mesh=mesh)
+                              listen_port=tunnel.listen_port, mesh=mesh,
+                              fast_path=tunnel.fast_path)
     try:
         service = await TunnelService.start(settings)
     except (TunnelError, OSError) as exc:

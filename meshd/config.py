@@ -386,6 +386,9 @@ class TunnelConfig:
     """Birthday-paradox port guessing (symmetric × port-restricted → direct)."""
     nat_probe: NatProbeSettings = field(default_factory=NatProbeSettings)
     """Background NAT classification (RFC 5780 probes); `enabled: false` sends none."""
+    fast_path: bool = True
+    """Carry lone data packets of direct paths in the native thread (meshd/tunnel/_fastpath.c);
+    false: every packet goes through the Python data path."""
 
     def __post_init__(self) -> None:
         if self.enabled and not self.server:

@@ -5,7 +5,8 @@ datagram, a 0xE4 fragment of `mtu + 26` bytes plus its 15-byte header). Bulk tra
 direct and a relayed pair arrive whole, and no IP fragment crosses a router: mesh0's 64 KB
 super-packets travel as tunnel fragments sized to the MTU (`wire.fragment_part_for`). They used
 to be a fixed 1421 bytes, which the kernel then split into IP fragments (or, where a middlebox
-drops fragments, lost).
+drops fragments, lost). m1 runs with `tunnel.fastPath: false` (every packet through Python), m2
+and m3 with the native fast path: the two data paths interoperate.
 """
 
 from __future__ import annotations
@@ -46,6 +47,9 @@ class NarrowLab(MeshLab):
     def start(self, *, agents: bool = True) -> None:
         for node in self.nodes:
             self.agent_overrides[node] = {"mtu": MTU}
+        # m1 moves every packet in Python: the direct pair is an agent without the native
+        # fast path talking to one with it (tunnel.fastPath).
+        self.agent_overrides["m1"]["fastPath"] = False
         for router in self.narrow_routers():
             found = self.lab.run(router, ["ip", "-o", "-4", "addr", "show", "to",
                                           self.lab.addr(router)]).stdout
@@ -111,5 +115,8 @@ def test_bulk_crosses_the_narrow_path(mesh: NarrowLab, client: str, path: str) -
     assert sender["meshd_tunnel_send_errors_total"] == 0
     assert mesh.ip_fragments() == before  # every tunnel datagram fit the path whole
     assert (mesh.peer(client, "m2") or {}).get("path") == path
+    if path == "direct":  # m1 without the fast path, m2 with it
+        assert mesh.tunnel(client).get("fastPath") is None
+        assert sender['meshd_tunnel_fastpath_packets_total{direction="in"}'] > 0  # m1's ACKs
     print(f"\n{client} <- m2 ({path}) over {LINK_MTU}-byte links, mesh0 mtu {MTU}: 16 MB in "
           f"{seconds} s, sha256 ok; GRO reads {receiver['meshd_tunnel_gro_reads_total']:.0f}")

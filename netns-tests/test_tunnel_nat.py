@@ -457,6 +457,11 @@ def test_status_and_ping(mesh: MeshLab) -> None:
     print(ping.stdout)
     metrics = mesh.metrics("q1")
     assert any(k.startswith("meshd_tunnel_punch_successes_total") for k in metrics)
+    # Interactive packets on the direct path never entered Python (meshd.tunnel.fastpath).
+    fast = mesh.tunnel("q1")["fastPath"]
+    assert "q2" in fast["sending"], fast
+    assert fast["fast_tx"] > 0 and fast["fast_rx"] > 0, fast
+    assert 0 < metrics['meshd_tunnel_fastpath_packets_total{direction="out"}'] <= fast["fast_tx"]
 
 
 def test_agent_stop_leaves_nothing(mesh: MeshLab, tmp_path: Path) -> None:

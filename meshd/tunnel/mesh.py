@@ -85,6 +85,7 @@ from meshd.tunnel.candidates import (
     parse_description,
 )
 from meshd.tunnel.endpoint import TunnelEndpoint
+from meshd.tunnel.fastpath import FastRoute, FastStats
 from meshd.tunnel.guess import (
     GUESS_SIGNAL_KIND,
     GuessEnded,
@@ -97,6 +98,7 @@ from meshd.tunnel.guess import (
     guess_side,
 )
 from meshd.tunnel.identity import CAPeerVerifier, CertificateKey, LocalIdentity, Peer
+from meshd.tunnel.noise import TAGLEN
 from meshd.tunnel.offload import VNET_HDR_LEN
 from meshd.tunnel.punch import (
     ChecksRestarted,
@@ -115,7 +117,14 @@ from meshd.tunnel.session import (
     Rejected,
     TunnelConfig,
 )
-from meshd.tunnel.wire import TYPE_DATA, TYPE_FRAGMENT, TYPE_INITIATION, OverlayAddress
+from meshd.tunnel.wire import (
+    DATA_OVERHEAD,
+    FRAGMENT_HEADER,
+    TYPE_DATA,
+    TYPE_FRAGMENT,
+    TYPE_INITIATION,
+    OverlayAddress,
+)
 from meshd.turn.client import (
     Allocated,
     AllocationFailed,
@@ -918,6 +927,46 @@ class MeshNode:
                 self.metrics.direct_bytes_out += sum(map(len, datagrams))
             out += sent
         return out
+
+    # --- the native fast path (meshd.tunnel.fastpath) -----------------------------------------
+
+    def fast_routes(self, now: float) -> dict[str, FastRoute]:
+        """Per peer with usable keys, what the fast path may carry for it: its current keys,
+        and the remote address of its direct path when that leaves from the tunnel socket
+        (relayed and guessed paths stay Python's). The adapter installs these after every
+        full round; they change only with handshakes, expiry and path changes."""
+        endpoint = self.endpoint
+        routes: dict[str, FastRoute] = {}
+        if endpoint is None:
+            return routes
+        for name, peer in self._peers.items():
+            session = endpoint.session(name)
+            if session is None:
+                continue
+            direct = peer.direct
+            remote = direct[1] if direct is not None and direct[0] == self.local else None
+            route = session.fast_route(now, remote)
+            if route is not None:
+                routes[name] = route
+        return routes
+
+    def fast_stats(self, name: str, stats: FastStats) -> None:
+        """What the fast path carried for `name` since its last report: counted as if
+        `send_packets`/`receive_reads` had moved it (session counters and keepalive timers,
+        consent checks on the direct path, direct byte metrics)."""
+        peer = self._peers.get(name)
+        session = self.endpoint.session(name) if self.endpoint is not None else None
+        if peer is None or session is None:
+            return
+        session.fast_account(stats)
+        if stats.last_tx is None:
+            return
+        peer.machine.data_sent(stats.last_tx)
+        peer.last_data = max(peer.last_data, stats.last_tx)
+        if peer.path == "direct":
+            frames = self._tun_frames and session.stats().peer_fragments
+            overhead = FRAGMENT_HEADER.size + TAGLEN + VNET_HDR_LEN if frames else DATA_OVERHEAD
+            self.metrics.direct_bytes_out += stats.tx_bytes + overhead * stats.tx_packets
 
     def _transmit(self, peer: _Peer, datagram: bytes, now: float, out: list[Transmit]) -> None:
         t = peer.machine.transmit(datagram, now)

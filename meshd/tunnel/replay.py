@@ -47,8 +47,13 @@ class ReplayWindow:
             return False
         return not (self._ring[(counter >> 6) & self._mask] >> (counter & 63)) & 1
 
-    def mark(self, counter: int) -> None:
-        """Record `counter` as accepted (call only after `check` said True)."""
+    def mark(self, counter: int) -> bool:
+        """Record `counter` as accepted once the AEAD accepted its datagram; False, with
+        nothing changed, when `check` would refuse it by now. Check and set are one step: the
+        native fast path (`meshd.tunnel.fastpath`) shares its window, and of two copies of one
+        datagram opened on both sides only one may be delivered."""
+        if not self.check(counter):
+            return False
         ring = self._ring
         block = counter >> 6
         highest = self.highest
@@ -63,10 +68,8 @@ class ReplayWindow:
                         ring[b & mask] = 0
             self.highest = counter
         ring[block & self._mask] |= 1 << (counter & 63)
+        return True
 
     def accept(self, counter: int) -> bool:
-        """`check` then `mark`: True the first time a fresh counter is seen."""
-        if not self.check(counter):
-            return False
-        self.mark(counter)
-        return True
+        """`mark`: True the first time a fresh counter is seen."""
+        return self.mark(counter)

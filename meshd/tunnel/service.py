@@ -49,6 +49,8 @@ from edgeweave.log import event
 from meshd.control.client import ControlClient, ControlClientConfig, ControlEvent
 from meshd.control.service import ControlConnector, agent_tls_context
 from meshd.control.wire import NatSummary
+from meshd.tunnel import fastpath
+from meshd.tunnel.fastpath import FastRoute, FastStats
 from meshd.tunnel.guess import GuessSocketsReleased, GuessSocketsWanted
 from meshd.tunnel.identity import CertificateKey
 from meshd.tunnel.mesh import MeshConfig, MeshEvent, MeshNode, ReflexiveChanged
@@ -63,6 +65,8 @@ log = logging.getLogger("meshd.tunnel")
 READ_BATCH = 256
 FULL_FLUSH_S = 0.05
 """While only data flows, the core's full round (timers, path machines) runs this often."""
+FAST_SYNC_S = 1.0
+"""While the fast path runs, its traffic reaches the core at least this often."""
 TUN_FRAME_BATCH = 32
 """Offload frames (up to 64 KB each) read from the TUN device per callback at most."""
 SOL_UDP = 17
@@ -114,6 +118,9 @@ class TunnelSettings:
     write); falls back to one packet per read when the kernel refuses."""
     mesh: MeshConfig | None = None
     """Core tunables (default: `MeshConfig(stun_server)`)."""
+    fast_path: bool = True
+    """Carry lone data packets of direct paths in the native thread (`meshd.tunnel.fastpath`)
+    once mesh0 is up; without the extension the adapter reads everything itself."""
 
 
 def node_material(kubeconfig: Path) -> tuple[x509.Certificate, CertificateKey, x509.Certificate]:
@@ -237,6 +244,13 @@ class TunnelService:
         """Open guess-pool sockets by local address (`meshd.tunnel.guess`)."""
         self.pool_open_errors = 0
         """Pool sockets the kernel refused to open."""
+        self.fast: Any = None
+        """The native fast path (`meshd.tunnel._fastpath.FastPath`) while it runs."""
+        self._fast_routes: dict[str, FastRoute] = {}
+        """Routes installed in the fast path, by peer."""
+        self._fast_keys: dict[str, int] = {}
+        self._fast_names: dict[int, str] = {}
+        self._fast_tick: asyncio.TimerHandle | None = None
 
     @classmethod
     async def start(cls, settings: TunnelSettings) -> TunnelService:
@@ -336,14 +350,111 @@ class TunnelService:
                   error=exc)
             return
         self.node.tun_frames = self.tun.offload
-        self._loop.add_reader(self.tun.fd, self._on_tun)
+        if self.settings.fast_path and fastpath.AVAILABLE:
+            self._start_fast_path(self.tun)
+        else:
+            self._loop.add_reader(self.tun.fd, self._on_tun)
         event(log, logging.INFO, "tunnel.tun_up", interface=self.settings.interface,
               address=overlay, offloads=f"{self.tun.offloads:#x}",
-              offload_refused=self.tun.offload_error)
+              offload_refused=self.tun.offload_error, fast_path=self.fast is not None)
         self._ready.set()
         for callback in self._on_ready:
             callback()
         self._on_ready.clear()
+
+    def _start_fast_path(self, tun: TunDevice) -> None:
+        """From here on the native thread reads mesh0 and the tunnel socket; what it does not
+        carry itself comes to `_on_handoff`."""
+        config = self.node.config.tunnel
+        fast = fastpath.NATIVE.FastPath(
+            self._sock.fileno(), tun.fd, frames=tun.offload,
+            check_source=config.check_inner_source, fragment_part=config.fragment_part)
+        self._loop.remove_reader(self._sock.fileno())
+        self._loop.add_reader(fast.fileno(), self._on_handoff)
+        fast.start()
+        self.fast = fast
+        self._fast_tick = self._loop.call_later(FAST_SYNC_S, self._on_fast_tick)
+
+    def _on_handoff(self) -> None:
+        """What the fast path read and left to Python: the same work as `_on_socket` and
+        `_on_tun`, in batches of the same size."""
+        fast, tun = self.fast, self.tun
+        if fast is None or tun is None:
+            return
+        packets, reads = fast.drain()
+        try:
+            now = self._loop.time()
+            if reads:
+                self.gro_reads += sum(1 for _, segment, _ in reads if segment)
+                tun_out: list[bytes] = []
+                for i in range(0, len(reads), READ_BATCH):
+                    tun_out += self.node.receive_reads(reads[i:i + READ_BATCH], now)
+                self._to_tun(tun_out)
+            if packets:
+                batch = TUN_FRAME_BATCH if tun.offload else READ_BATCH
+                for i in range(0, len(packets), batch):
+                    self._send(self.node.send_packets(packets[i:i + batch], now))
+                self._after_data()
+        finally:
+            fast.release()  # sent and written: later packets may go natively again
+
+    def _on_fast_tick(self) -> None:
+        """Fold the fast path's traffic into the core at least every FAST_SYNC_S (consent
+        checks, keepalive timers), then the full round if the core has something due."""
+        self._fast_tick = None
+        if self.fast is None or self._closed:
+            return
+        now = self._loop.time()
+        if self._fast_stats(now):
+            self.node.handle_timer(now)
+            self._flush()
+        self._fast_tick = self._loop.call_later(FAST_SYNC_S, self._on_fast_tick)
+
+    def _fast_stats(self, now: float) -> bool:
+        """Apply the fast path's per-peer counters to the core; True if it carried anything."""
+        fast = self.fast
+        if fast is None:
+            return False
+        stats = fast.take_stats()
+        if not stats:
+            return False
+        offset = now - time.monotonic()  # the thread's clock is time.monotonic()
+        for key, (tx_packets, tx_bytes, last_tx, rx_packets, rx_bytes, last_rx) in stats.items():
+            name = self._fast_names.get(key)
+            if name is None:
+                continue
+            self.node.fast_stats(name, FastStats(
+                tx_packets, tx_bytes, last_tx + offset if last_tx else None,
+                rx_packets, rx_bytes, last_rx + offset if last_rx else None))
+        return True
+
+    def _fast_sync(self, now: float) -> None:
+        """Install the routes the core wants (after every full round: keys and paths change
+        only in rounds)."""
+        fast = self.fast
+        if fast is None:
+            return
+        wanted = self.node.fast_routes(now)
+        installed = self._fast_routes
+        for name in [n for n in installed if n not in wanted]:
+            fast.remove_peer(self._fast_keys[name])
+            del installed[name]
+        offset = time.monotonic() - now
+        for name, route in wanted.items():
+            old = installed.get(name)
+            if old is not None and old.same_keys(route):
+                continue
+            key = self._fast_keys.get(name)
+            if key is None:
+                key = self._fast_keys[name] = len(self._fast_keys) + 1
+                self._fast_names[key] = name
+            fast.set_peer(
+                key, overlay=route.overlay, remote_index=route.remote_index,
+                send_key=route.send_key, counter=route.counter, send_limit=route.send_limit,
+                send_fragments=route.send_fragments, local_index=route.local_index,
+                receive_key=route.receive_key, replay=route.replay, endpoint=route.endpoint,
+                until=route.until + offset)
+            installed[name] = route
 
     def _on_socket(self) -> None:
         recv = self._sock.recvmsg
@@ -537,6 +648,8 @@ class TunnelService:
             self._loop.call_soon(self._flush_control)
         while (ev := self.node.next_event()) is not None:
             self._mesh_event(ev)  # the rest is logged by the core; status reads peer_status()
+        if self.fast is not None:
+            self._fast_sync(now)
         deadline = self.node.get_timer()
         if deadline == self._deadline or self._closed:
             return
@@ -586,7 +699,9 @@ class TunnelService:
 
     def _on_timer(self) -> None:
         self._timer, self._deadline = None, None
-        self.node.handle_timer(self._loop.time())
+        now = self._loop.time()
+        self._fast_stats(now)  # timers (keepalives, consent) must see the fast path's traffic
+        self.node.handle_timer(now)
         self._flush()
 
     # --- status ---------------------------------------------------------------------------------
@@ -605,8 +720,17 @@ class TunnelService:
             "natSource": node.control.nat_source,
             "natProbe": self.nat_probe is not None,
             "guessPool": len(self._pool),
+            "fastPath": self._fast_status(),
             "peers": [p.as_dict() for p in node.peer_status()],
         }
+
+    def _fast_status(self) -> dict[str, Any] | None:
+        """The native fast path's counters and the peers it serves (None: not running)."""
+        if self.fast is None:
+            return None
+        return {"peers": sorted(self._fast_routes),
+                "sending": sorted(n for n, r in self._fast_routes.items() if r.endpoint),
+                **self.fast.counters()}
 
     def metrics_samples(self) -> list[tuple[str, dict[str, str], float]]:
         """`meshd_tunnel_*` samples for `/metrics`."""
@@ -653,6 +777,21 @@ class TunnelService:
             ("meshd_tunnel_whole_reads_total", {}, self._whole_reads()),
             ("meshd_tunnel_tun_drops_total", {}, self.tun_drops),
         ]
+        if self.fast is not None:
+            c = self.fast.counters()
+            out += [
+                ("meshd_tunnel_fastpath_packets_total", {"direction": "out"}, c["fast_tx"]),
+                ("meshd_tunnel_fastpath_packets_total", {"direction": "in"}, c["fast_rx"]),
+                ("meshd_tunnel_fastpath_handoffs_total", {"source": "tun"}, c["handed_tun"]),
+                ("meshd_tunnel_fastpath_handoffs_total", {"source": "socket"}, c["handed_udp"]),
+                ("meshd_tunnel_fastpath_errors_total", {"kind": "tun-write"},
+                 c["tun_write_errors"]),
+                ("meshd_tunnel_fastpath_errors_total", {"kind": "send"}, c["send_errors"]),
+                ("meshd_tunnel_fastpath_replay_races_total", {}, c["replay_races"]),
+                ("meshd_tunnel_fastpath_paused_total", {}, c["paused"]),
+                ("meshd_tunnel_fastpath_peers", {}, sum(
+                    1 for r in self._fast_routes.values() if r.endpoint is not None)),
+            ]
         for p in self.node.peer_status():
             out.append(("meshd_tunnel_peer_path", {"peer": p.node, "path": p.path}, 1))
             if p.guessed:
@@ -687,6 +826,12 @@ class TunnelService:
         self._closed = True
         if self._timer is not None:
             self._timer.cancel()
+        if self._fast_tick is not None:
+            self._fast_tick.cancel()
+        if self.fast is not None:
+            self._loop.remove_reader(self.fast.fileno())
+            self.fast.close()  # joins the thread: nothing reads the fds after this
+            self.fast = None
         await self._connector.close()
         self._loop.remove_reader(self._sock.fileno())
         self._sock.close()

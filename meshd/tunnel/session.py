@@ -52,6 +52,7 @@ from enum import Enum
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
+from meshd.tunnel.fastpath import FastRoute, FastStats, Replay, new_counter, new_replay_window
 from meshd.tunnel.identity import IdentityClaim, LocalIdentity, Peer, PeerRejected, PeerVerifier
 from meshd.tunnel.noise import HandshakeIK, NoiseError, TransportKeys
 from meshd.tunnel.offload import PLAIN_HEADER, VNET_HDR_LEN, OffloadError, check_frame, to_packets
@@ -374,9 +375,10 @@ class _Keypair:
     """Transport keys from one handshake."""
 
     __slots__ = (
-        "created", "fragments", "frame_source_slice", "initiator", "local_index", "overlay",
-        "peer_static", "receiver", "reject_at", "rekey_at", "remote_index", "replay",
-        "send_counter", "sender", "source", "source_slice", "source_version",
+        "counter", "created", "fragments", "frame_source_slice", "initiator", "local_index",
+        "overlay", "peer_static", "receive_key", "receiver", "reject_at", "rekey_at",
+        "remote_index", "replay", "send_key", "sender", "source", "source_slice",
+        "source_version",
     )
 
     def __init__(
@@ -387,14 +389,19 @@ class _Keypair:
         self.sender = ChaCha20Poly1305(keys.send)
         self.peer_static = peer_static
         self.receiver = ChaCha20Poly1305(keys.receive)
+        self.send_key = keys.send
+        self.receive_key = keys.receive
+        """Raw keys, for the native fast path (`meshd.tunnel.fastpath`)."""
         self.initiator = initiator
         self.local_index = local_index
         self.remote_index = remote_index
         self.created = now
         self.rekey_at = now + config.rekey_after_time
         self.reject_at = now + config.reject_after_time
-        self.send_counter = 0
-        self.replay = ReplayWindow(config.replay_window, limit=config.reject_after_messages)
+        self.counter = new_counter()
+        """The next send counter; `take` reserves them (the fast path sends with it too)."""
+        self.replay = new_replay_window(config.replay_window,
+                                        limit=config.reject_after_messages)
         self.overlay = overlay
         self.source = overlay.packed
         self.source_version = overlay.version
@@ -561,7 +568,7 @@ class TunnelSession:
         if (
             kp is None
             or now >= kp.reject_at
-            or kp.send_counter + len(packets) > self.config.reject_after_messages
+            or kp.counter.value + len(packets) > self.config.reject_after_messages
         ):
             return self._encrypt_slow(packets, now)
         self._maybe_rekey(kp, now)
@@ -577,7 +584,7 @@ class TunnelSession:
             kp is None
             or not kp.fragments
             or now >= kp.reject_at
-            or kp.send_counter + len(frames) > self.config.reject_after_messages
+            or kp.counter.value + len(frames) > self.config.reject_after_messages
         ):
             return self.encrypt(self._plain(frames), now)
         self._maybe_rekey(kp, now)
@@ -594,7 +601,7 @@ class TunnelSession:
 
     def _maybe_rekey(self, kp: _Keypair, now: float) -> None:
         if (
-            (kp.send_counter >= self.config.rekey_after_messages
+            (kp.counter.value >= self.config.rekey_after_messages
              or (kp.initiator and now >= kp.rekey_at))
             and self._pending is None
             and not self._fresh_keys_coming(now)
@@ -602,19 +609,21 @@ class TunnelSession:
             self._fire(Trigger.REKEY)
             self._initiate(now)
 
-    def _seal_frames(self, kp: _Keypair, frames: Iterable[bytes], now: float) -> list[bytes]:
+    def _seal_frames(self, kp: _Keypair, frames: Sequence[bytes], now: float) -> list[bytes]:
         seal = kp.sender.encrypt
         header = FRAGMENT_HEADER.pack
         nonce = _NONCE.pack
         index = kp.remote_index
         part = self.config.fragment_part
-        counter = start = kp.send_counter
+        counter = start = kp.counter.take(len(frames))
         out: list[bytes] = []
         append = out.append
         size = 0
         for frame in frames:
             if len(frame) > MAX_MESSAGE - 16:  # longer than any TUN read: not a frame
                 self._counts["offload_errors"] += 1
+                counter += 1  # taken: a gap the receiver sees as loss
+                start += 1
                 continue
             sealed = seal(nonce(counter), frame, None)
             length = len(sealed)
@@ -628,7 +637,6 @@ class TunnelSession:
                            + view[k * part:(k + 1) * part])
             counter += 1
             size += len(frame) - VNET_HDR_LEN
-        kp.send_counter = counter
         counts = self._counts
         counts["messages_sent"] += counter - start
         counts["packets_sent"] += counter - start
@@ -644,13 +652,13 @@ class TunnelSession:
         return nxt is not None and now - nxt.created < self.config.confirm_timeout
 
     def _seal(
-        self, kp: _Keypair, packets: Iterable[bytes], now: float, *, keepalive: bool = False
+        self, kp: _Keypair, packets: Sequence[bytes], now: float, *, keepalive: bool = False
     ) -> list[bytes]:
         seal = kp.sender.encrypt
         header = DATA_HEADER.pack
         nonce = _NONCE.pack
         index = kp.remote_index
-        counter = start = kp.send_counter
+        counter = start = kp.counter.take(len(packets))
         out: list[bytes] = []
         append = out.append
         size = 0
@@ -658,7 +666,6 @@ class TunnelSession:
             append(header(TYPE_DATA, index, counter) + seal(nonce(counter), packet, None))
             counter += 1
             size += len(packet)
-        kp.send_counter = counter
         counts = self._counts
         if keepalive:
             counts["keepalives_sent"] += counter - start
@@ -674,7 +681,7 @@ class TunnelSession:
         out: list[bytes] = []
         kp = self._current
         if kp is not None:
-            room = max(0, self.config.reject_after_messages - kp.send_counter)
+            room = max(0, self.config.reject_after_messages - kp.counter.value)
             out = self._seal(kp, packets[:room], now)
             packets = packets[room:]
             if packets:
@@ -785,15 +792,17 @@ class TunnelSession:
                     out = to_packets(packet)
                 except OffloadError:
                     return False
-            self._counts["messages_received"] += 1
         else:
             if check_source and (packet[kp.source_slice] != kp.source
                                  or packet[0] >> 4 != kp.source_version):
                 return False
             out = [PLAIN_HEADER + packet if frames_out else packet]
-        replay.mark(counter)
+        if not replay.mark(counter):  # the fast path delivered another copy meanwhile
+            return False
         packets += out
         counts = self._counts
+        if start == _FRAGMENT_SIZE:
+            counts["messages_received"] += 1
         counts["packets_received"] += len(out)
         counts["bytes_received"] += sum(map(len, out)) - (
             VNET_HDR_LEN * len(out) if frames_out else 0)
@@ -816,7 +825,7 @@ class TunnelSession:
         # nearly always for one keypair, so attribute lookups happen once per batch.
         kp: _Keypair | None = None
         last_index = -1
-        replay = _NO_KEYS
+        replay: Replay = _NO_KEYS
         check = replay.check
         mark = replay.mark
         decrypt = _no_decrypt
@@ -870,7 +879,9 @@ class TunnelSession:
             except InvalidTag:
                 _count(drops, RejectReason.AUTH_FAILED)
                 continue
-            mark(counter)
+            if not mark(counter):  # the fast path delivered another copy meanwhile
+                _count(drops, RejectReason.REPLAYED)
+                continue
             if kp is nxt:
                 assert kp is not None
                 self._confirm(kp, now)
@@ -971,7 +982,9 @@ class TunnelSession:
         except InvalidTag:
             _count(drops, RejectReason.AUTH_FAILED)
             return self._received(packets, start, drops, 0, 0, now, emit)
-        kp.replay.mark(counter)
+        if not kp.replay.mark(counter):
+            _count(drops, RejectReason.REPLAYED)
+            return self._received(packets, start, drops, 0, 0, now, emit)
         if kp is self._next:
             self._confirm(kp, now)
         if not packet:
@@ -1306,6 +1319,34 @@ class TunnelSession:
         self._partials.clear()
         self._reindex()
         self._fire(Trigger.CLOSE)
+
+    def fast_route(self, now: float, endpoint: tuple[str, int] | None) -> FastRoute | None:
+        """What the native fast path needs to carry this session's lone data packets: the
+        current keys while they need no Python (no rekey due, not expired), for an IPv4 peer;
+        None otherwise. `endpoint`: the direct path's remote address, None to receive only."""
+        kp = self._current
+        if kp is None or kp.source_version != 4 or now >= kp.reject_at:
+            return None
+        config = self.config
+        # The initiator rekeys on send from rekey_at (and on receive a little later); the
+        # responder never rekeys on time: its keys serve until they expire.
+        until = kp.rekey_at if kp.initiator else kp.reject_at
+        return FastRoute(
+            overlay=kp.source, remote_index=kp.remote_index, send_key=kp.send_key,
+            counter=kp.counter,
+            send_limit=min(config.rekey_after_messages, config.reject_after_messages),
+            send_fragments=kp.fragments, local_index=kp.local_index,
+            receive_key=kp.receive_key, replay=kp.replay, endpoint=endpoint, until=until)
+
+    def fast_account(self, stats: FastStats) -> None:
+        """Count what the fast path carried for this session (keepalive timers see it)."""
+        counts = self._counts
+        counts["packets_sent"] += stats.tx_packets
+        counts["bytes_sent"] += stats.tx_bytes
+        counts["packets_received"] += stats.rx_packets
+        counts["bytes_received"] += stats.rx_bytes
+        if stats.last_tx is not None:
+            self._last_sent = max(self._last_sent, stats.last_tx)
 
     @property
     def can_send(self) -> bool:

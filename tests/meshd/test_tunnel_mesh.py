@@ -11,6 +11,7 @@ import random
 import struct
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -24,10 +25,11 @@ from meshd.control.server import ControlServer, ControlServerConfig
 from meshd.control.wire import NatSummary
 from meshd.simnet import APDF, APDM, EIF, EIM, SimNat, SimNetwork
 from meshd.stun.server import ServerAddresses, StunServer
+from meshd.tunnel.fastpath import FastStats
 from meshd.tunnel.mesh import MeshConfig, MeshEvent, MeshNode, PeerPathChanged, ReflexiveChanged
 from meshd.tunnel.noise import public_bytes
 from meshd.tunnel.punch import PunchConfig
-from meshd.tunnel.wire import INITIATION_HEADER, MIN_INITIATION, TYPE_INITIATION
+from meshd.tunnel.wire import DATA_OVERHEAD, INITIATION_HEADER, MIN_INITIATION, TYPE_INITIATION
 from meshd.turn.ports import MemoryRelayPorts
 from meshd.turn.server import TurnServer, TurnServerConfig
 from meshd.udp import Address, Transmit, format_address
@@ -430,3 +432,72 @@ def test_data_follows_the_path_at_every_moment() -> None:
                 world.net.send(t)
             world.run(0.1)
     assert seen == {"direct", "relay"} and len(endpoints) == 2, (seen, endpoints)
+
+
+def test_fast_routes_follow_the_keys_and_the_direct_path() -> None:
+    """`fast_routes` (what the native fast path may carry): the current keys as soon as there
+    are any, an endpoint only once the path is direct from the tunnel socket, and the same
+    counter and replay window objects the session itself uses."""
+    relay_world = two_nodes(SYMMETRIC, PORT_RESTRICTED)
+    relay_world.run(0.5)
+    relay_world.send("edge-a", "edge-b", b"first")
+    relay_world.run(7.0)
+    assert relay_world.path("edge-a", "edge-b") == "relay"
+    relayed = relay_world.nodes["edge-a"].fast_routes(relay_world.net.now)
+    assert relayed["edge-b"].endpoint is None  # receive only: relayed paths stay Python's
+
+    world = two_nodes(PORT_RESTRICTED, PORT_RESTRICTED)
+    a = world.nodes["edge-a"]
+    assert a.fast_routes(world.net.now) == {}  # no keys yet
+    world.run(0.5)
+    world.send("edge-a", "edge-b", b"first")
+    world.run(2.0)
+    assert world.path("edge-a", "edge-b") == "direct"
+    route = a.fast_routes(world.net.now)["edge-b"]
+    status = {p.node: p for p in a.peer_status()}["edge-b"]
+    assert route.endpoint is not None and format_address(route.endpoint) == status.endpoint
+    assert a.endpoint is not None
+    session = a.endpoint.session("edge-b")
+    assert session is not None
+    kp = session._current
+    assert kp is not None
+    assert route.counter is kp.counter and route.replay is kp.replay
+    assert route.local_index == kp.local_index and route.remote_index == kp.remote_index
+    b = world.nodes["edge-b"]
+    assert b.overlay is not None and route.overlay == b.overlay.ip.packed
+    assert route.until == (kp.rekey_at if kp.initiator else kp.reject_at)
+    assert not replace(route, endpoint=None).same_keys(route)  # the path moved: reinstall
+    assert replace(route, until=0.0).same_keys(route)
+    # The other side's route is the mirror image.
+    back = b.fast_routes(world.net.now)["edge-a"]
+    assert back.remote_index == route.local_index and back.send_key == route.receive_key
+
+
+def test_fast_stats_count_like_the_python_path() -> None:
+    """What the fast path carried reaches the session counters, the direct byte metric and
+    the path machine (`data_sent`: consent checks and keepalive timers see the traffic)."""
+    world = two_nodes(PORT_RESTRICTED, PORT_RESTRICTED)
+    a = world.nodes["edge-a"]
+    world.run(0.5)
+    world.send("edge-a", "edge-b", b"first")
+    world.run(2.0)
+    assert world.path("edge-a", "edge-b") == "direct"
+    assert a.endpoint is not None
+    session = a.endpoint.session("edge-b")
+    assert session is not None
+    before, direct_before = session.stats(), a.metrics.direct_bytes_out
+    now = world.net.now
+    a.fast_stats("edge-b", FastStats(tx_packets=3, tx_bytes=300, last_tx=now,
+                                     rx_packets=2, rx_bytes=128, last_rx=now))
+    after = session.stats()
+    assert after.packets_sent == before.packets_sent + 3
+    assert after.bytes_sent == before.bytes_sent + 300
+    assert after.packets_received == before.packets_received + 2
+    assert after.bytes_received == before.bytes_received + 128
+    assert a.metrics.direct_bytes_out == direct_before + 300 + 3 * DATA_OVERHEAD
+    a.fast_stats("nobody", FastStats(1, 1, now, 0, 0, None))  # a peer gone meanwhile: ignored
+    # Only the fast path sends for a minute: the direct path stays up.
+    for _ in range(60):
+        world.run(1.0)
+        a.fast_stats("edge-b", FastStats(1, 64, world.net.now, 1, 64, world.net.now))
+    assert world.path("edge-a", "edge-b") == "direct"

@@ -8,6 +8,7 @@ the tunnel on:
     a, b  nat: port-restricted  na, nb   behind NATs: the mesh goes direct
     c, d  nat: port-restricted  nc, nd   the same, agents with `tunnel.fastPath: false`
     s     nat: symmetric        ns       symmetric x port-restricted: the mesh relays
+                                         (port guessing off on ns: it stays relayed)
 
 Systems, each a client node sending to a server node:
 
@@ -346,6 +347,9 @@ def run(quick: bool, link_mbit: float | None = None,
         def start(self, *, agents: bool = True) -> None:
             for node in PYTHON_ONLY:
                 self.agent_overrides[node] = {"fastPath": False}
+            # The relayed system must stay relayed: port guessing would take it direct once
+            # the lab's server has two STUN addresses (NAT classes known).
+            self.agent_overrides["ns"] = {"portGuessing": {"enabled": False}}
             super().start(agents=agents)
 
     params = QUICK if quick else FULL

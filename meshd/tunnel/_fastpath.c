@@ -1310,10 +1310,12 @@ FastPath_drain(FastPathObject *fp, PyObject *unused)
             fp->tun_q = (Queue){NULL, NULL};
             fp->udp_q = (Queue){NULL, NULL};
             fp->queued = 0;
-            atomic_store(&fp->tun_waiting, 0);
-            atomic_store(&fp->udp_waiting, 0);
+            /* held before waiting is cleared: the thread checks waiting, then held, and must
+             * never see both clear while Python still holds drained reads (order). */
             atomic_store(&fp->tun_held, tun != NULL);
             atomic_store(&fp->udp_held, udp != NULL);
+            atomic_store(&fp->tun_waiting, 0);
+            atomic_store(&fp->udp_waiting, 0);
             clear_fd(fp->notify_fd);
             if (atomic_load(&fp->paused)) {
                 atomic_store(&fp->paused, false);

@@ -24,7 +24,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from meshd.tunnel import replay as _replay
@@ -108,14 +108,14 @@ class FastRoute:
     """The peer's IPv4 overlay address (4 bytes): packets to it are sealed, its source is
     checked on packets from it."""
     remote_index: int
-    send_key: bytes
+    send_key: bytes = field(repr=False)
     counter: SendCounter
     send_limit: int
     """Counters at or above this go to Python (it starts the rekey)."""
     send_fragments: bool
     """Offload frames go out as one-fragment 0xE4 messages (the peer announced them)."""
     local_index: int
-    receive_key: bytes
+    receive_key: bytes = field(repr=False)
     replay: Replay
     endpoint: Address | None
     """Where datagrams go (a direct path from the tunnel socket); None: receive only."""

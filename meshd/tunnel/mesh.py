@@ -507,6 +507,10 @@ class MeshNode:
                 came_online = info.online and not peer.info.online
                 if peer.info.overlay != info.overlay:
                     self._route.pop(peer.info.overlay.packed, None)
+                    # Keys carry the overlay the handshake proved (inner source check, fast
+                    # path routes): the next packet handshakes for the new address.
+                    if self.endpoint is not None:
+                        self.endpoint.remove_peer(name)
                 peer.info = info
                 self._update_guess_side(peer, now)
                 if came_online and peer.machine.local_description().candidates:
@@ -946,7 +950,10 @@ class MeshNode:
             direct = peer.direct
             remote = direct[1] if direct is not None and direct[0] == self.local else None
             route = session.fast_route(now, remote)
-            if route is not None:
+            # Only while the keys' overlay address is still the peer's in the registry: after
+            # a move the old address may belong to another node (send_packets follows the
+            # registry; the thread would follow the keys until the next handshake).
+            if route is not None and self._route.get(route.overlay) == name:
                 routes[name] = route
         return routes
 

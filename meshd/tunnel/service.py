@@ -366,12 +366,18 @@ class TunnelService:
         """From here on the native thread reads mesh0 and the tunnel socket; what it does not
         carry itself comes to `_on_handoff`."""
         config = self.node.config.tunnel
-        fast = fastpath.NATIVE.FastPath(
-            self._sock.fileno(), tun.fd, frames=tun.offload,
-            check_source=config.check_inner_source, fragment_part=config.fragment_part)
+        try:
+            fast = fastpath.NATIVE.FastPath(
+                self._sock.fileno(), tun.fd, frames=tun.offload,
+                check_source=config.check_inner_source, fragment_part=config.fragment_part)
+            fast.start()
+        except (OSError, RuntimeError, ValueError) as exc:  # no thread: Python reads as before
+            event(log, logging.ERROR, "tunnel.fast_path_failed", error=exc)
+            self._loop.add_reader(tun.fd, self._on_tun)
+            return
+        # The thread reads the socket from now on (datagrams waiting in it are its too).
         self._loop.remove_reader(self._sock.fileno())
         self._loop.add_reader(fast.fileno(), self._on_handoff)
-        fast.start()
         self.fast = fast
         self._fast_tick = self._loop.call_later(FAST_SYNC_S, self._on_fast_tick)
 
@@ -448,12 +454,19 @@ class TunnelService:
             if key is None:
                 key = self._fast_keys[name] = len(self._fast_keys) + 1
                 self._fast_names[key] = name
-            fast.set_peer(
-                key, overlay=route.overlay, remote_index=route.remote_index,
-                send_key=route.send_key, counter=route.counter, send_limit=route.send_limit,
-                send_fragments=route.send_fragments, local_index=route.local_index,
-                receive_key=route.receive_key, replay=route.replay, endpoint=route.endpoint,
-                until=route.until + offset)
+            try:
+                fast.set_peer(
+                    key, overlay=route.overlay, remote_index=route.remote_index,
+                    send_key=route.send_key, counter=route.counter,
+                    send_limit=route.send_limit, send_fragments=route.send_fragments,
+                    local_index=route.local_index, receive_key=route.receive_key,
+                    replay=route.replay, endpoint=route.endpoint, until=route.until + offset)
+            except (ValueError, TypeError, MemoryError) as exc:  # the peer stays Python's
+                event(log, logging.WARNING, "tunnel.fast_route_refused", peer=name, error=exc)
+                if old is not None:
+                    fast.remove_peer(key)
+                    del installed[name]
+                continue
             installed[name] = route
 
     def _on_socket(self) -> None:

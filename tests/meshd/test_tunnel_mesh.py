@@ -501,3 +501,22 @@ def test_fast_stats_count_like_the_python_path() -> None:
         world.run(1.0)
         a.fast_stats("edge-b", FastStats(1, 64, world.net.now, 1, 64, world.net.now))
     assert world.path("edge-a", "edge-b") == "direct"
+
+
+def test_a_moved_overlay_address_drops_the_keys_and_the_fast_route() -> None:
+    """The registry moved a live peer to another overlay address (an operator's edit): its keys
+    (which carry the old address for the inner source check) are dropped and the fast path
+    gets no route until a new handshake proves the new one."""
+    world = two_nodes(PORT_RESTRICTED, PORT_RESTRICTED)
+    a = world.nodes["edge-a"]
+    world.run(0.5)
+    world.send("edge-a", "edge-b", b"first")
+    world.run(2.0)
+    assert "edge-b" in a.fast_routes(world.net.now)
+    info = a._peers["edge-b"].info
+    moved = replace(info, overlay=ipaddress.IPv4Address("100.64.77.77"))
+    a._peers_changed({"edge-b": moved}, [], world.net.now)
+    assert a.endpoint is not None
+    session = a.endpoint.session("edge-b")
+    assert session is not None and not session.can_send
+    assert a.fast_routes(world.net.now) == {}

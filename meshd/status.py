@@ -79,8 +79,16 @@ def render_peers(tunnel: dict[str, Any]) -> list[str]:
                      p.get("endpoint") or "-", rtt,
                      f"{p['bytesIn']}/{p['bytesOut']}", ago))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    return [head] + ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
-                     for r in rows]
+    table = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
+             for r in rows]
+    fast = tunnel.get("fastPath")
+    if isinstance(fast, dict):  # the native thread (docs/reference/meshd-tunnel.md)
+        sending = fast.get("sending") or []
+        table.append(f"fast path: {len(sending)} direct peer(s) natively"
+                     f"{' (' + ', '.join(sending) + ')' if sending else ''}, packets "
+                     f"{fast.get('fast_tx', 0)} out / {fast.get('fast_rx', 0)} in, "
+                     f"{fast.get('handed_tun', 0) + fast.get('handed_udp', 0)} reads to Python")
+    return [head, *table]
 
 
 def _nat_text(tunnel: dict[str, Any]) -> str:

@@ -91,3 +91,16 @@ def test_the_nat_line_says_a_class_is_the_stored_one_until_probed() -> None:
     assert "NAT unknown (natProbe off)" in render_status(doc)
     doc["tunnel"]["natProbe"] = True
     assert "NAT not classified yet" in render_status(doc)
+
+
+def test_the_tunnel_part_ends_with_the_fast_path_line() -> None:
+    doc = status_document(catalog(), rules_in_place=True)
+    doc["tunnel"] = {"interface": "mesh0", "overlay": "100.64.0.1/16", "local": "10.0.0.1:5000",
+                     "relayed": None, "control": "ready", "peers": [], "nat": None,
+                     "natProbe": True, "fastPath": {"peers": ["b", "c"], "sending": ["b"],
+                                                    "fast_tx": 10, "fast_rx": 12,
+                                                    "handed_tun": 3, "handed_udp": 4}}
+    assert render_status(doc).splitlines()[-1] == (
+        "fast path: 1 direct peer(s) natively (b), packets 10 out / 12 in, 7 reads to Python")
+    doc["tunnel"]["fastPath"] = None  # off, or not built
+    assert "fast path" not in render_status(doc)

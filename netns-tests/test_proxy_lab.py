@@ -69,16 +69,19 @@ CLIENT = r"""
 import json, socket, sys, collections
 mode, ip, port, n = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
 seen, errors = collections.Counter(), collections.Counter()
+held = []  # UDP sockets stay open to the end: a closed one's port may go to the next, which
+           # would then share its proxy session (and backend)
 for i in range(n):
     try:
         if mode == "tcp":
             with socket.create_connection((ip, port), timeout=5) as s:
                 seen[s.makefile("rb").readline().decode().strip()] += 1
         elif mode == "udp":
-            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-                s.settimeout(2); s.sendto(b"hi", (ip, port))
-                data, src = s.recvfrom(100)
-                seen[data.decode().split(":")[0] + "@" + "%s:%d" % src] += 1
+            s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            held.append(s)
+            s.settimeout(2); s.sendto(b"hi", (ip, port))
+            data, src = s.recvfrom(100)
+            seen[data.decode().split(":")[0] + "@" + "%s:%d" % src] += 1
         elif mode == "half-close":
             with socket.create_connection((ip, port), timeout=5) as s:
                 s.sendall(b"question"); s.shutdown(socket.SHUT_WR)

@@ -107,8 +107,11 @@ def test_acknowledged_writes_survive_kill_9(tmp_path: Path) -> None:
         for name, (kind, rev) in last_ack.items():
             if kind == "DELETED":
                 assert name not in current
-            else:
+            elif name in current:
                 assert int(current[name]["metadata"]["resourceVersion"]) >= rev
+            else:  # deleted by a later write that was durable before its ack line was printed
+                assert any(e.type == "DELETED" and e.name == name and e.revision > rev
+                           for e in events), f"{name} (acknowledged at {rev}) is gone"
         # a watcher that had seen up to any acknowledged revision resumes exactly after it
         for _, _, rev in acks[:: max(1, len(acks) // 20)]:
             cursor = store.watch(None, resource_version=rev)

@@ -956,7 +956,10 @@ class PathMachine:
         self._last_proof = self._consent_started = self._last_sent = now
         self._consent_next = now + self._consent_interval()
         if self._guess is not None:
-            self._end_guess(now, hit=self.path_guessed)
+            # The round had ended relayed: a pair proven during the phase was found by the
+            # probes, also when one hit the mapping of our tunnel socket, not a pool socket's.
+            self._guessed.add(key)
+            self._end_guess(now, hit=True)
 
     # --- checks -------------------------------------------------------------------------------
 

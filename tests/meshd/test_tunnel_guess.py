@@ -451,3 +451,19 @@ def test_the_pool_is_fitted_under_rlimit_nofile() -> None:
     assert 0 < fits < hard
     assert resource.getrlimit(resource.RLIMIT_NOFILE)[0] == hard
     resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_a_probe_that_hits_the_tunnel_sockets_mapping_is_a_guess_too() -> None:
+    """The easy side's probes may hit the symmetric NAT's mapping of the hard side's tunnel
+    socket (made by the ordinary checks) instead of a pool socket's: the pair is direct from
+    the tunnel socket, and still found by guessing (both sides say so; seen in the demo)."""
+    world = sym_pr_world(seed=1, guess=PortGuessConfig(sockets=1, probes=16384))
+    with world.traced():
+        world.run(0.5)
+        world.send("edge-a", "edge-b", b"first")
+        world.run(20.0)
+        sym = world.nodes["edge-a"]
+        path = sym._peers["edge-b"].machine.current_path()
+        assert path.kind.value == "direct" and path.local == sym.local  # not the pool socket
+        assert world.row("edge-a", "edge-b").guessed and world.row("edge-b", "edge-a").guessed
+        assert sym.metrics.guess_hits == {"hard": 1}

@@ -28,8 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from meshd.tunnel import replay as _replay
-
-Address = tuple[str, int]
+from meshd.udp import Address
 
 
 class SendCounter(Protocol):

@@ -70,12 +70,19 @@ def udp_sockets(lab: MissionLab, node: str) -> int:
     return sum(1 for line in out.splitlines() if f" {address}:" in f" {line.split()[3]}")
 
 
+def pool_paths(tunnel: dict[str, Any]) -> int:
+    """Guessed paths that leave from a pool socket. A guessed path may also leave from the
+    tunnel socket, when the easy side's probes hit the NAT's mapping of that one."""
+    return sum(1 for p in tunnel.get("peers", [])
+               if p.get("guessed") and p.get("local") != tunnel.get("local"))
+
+
 def pool_settled(lab: MissionLab, node: str) -> bool:
     """`node` holds exactly the pool sockets its guessed paths use, and no other UDP socket
     but the tunnel's."""
     tunnel = lab.tunnel(node)
-    guessed = sum(1 for p in tunnel.get("peers", []) if p.get("guessed"))
-    return bool(tunnel.get("guessPool") == guessed and udp_sockets(lab, node) == 1 + guessed)
+    kept = pool_paths(tunnel)
+    return bool(tunnel.get("guessPool") == kept and udp_sockets(lab, node) == 1 + kept)
 
 
 def test_symmetric_x_port_restricted_goes_direct_by_guessing(lab: MissionLab) -> None:
@@ -112,7 +119,10 @@ def test_symmetric_x_port_restricted_goes_direct_by_guessing(lab: MissionLab) ->
     print({k: v for k, v in hard_m.items() if v}, {k: v for k, v in easy_m.items() if v})
     assert hard_m['meshd_tunnel_guess_phases_total{side="hard"}'] >= 1
     assert hard_m['meshd_tunnel_guess_hits_total{side="hard"}'] >= 1
-    assert hard_m["meshd_tunnel_guess_pool_sockets"] >= 1  # the guessed path's socket
+    # The guessed path's socket: a pool socket, or the tunnel socket when q1's probes hit
+    # the NAT's mapping of that one (both seen in CI).
+    print(f"s1 sends to q1 from {hard.get('local')} (tunnel socket {lab.tunnel('s1')['local']})")
+    assert hard_m["meshd_tunnel_guess_pool_sockets"] >= pool_paths(lab.tunnel("s1"))
     assert easy_m['meshd_tunnel_guess_phases_total{side="easy"}'] >= 1
     assert easy_m['meshd_tunnel_guess_hits_total{side="easy"}'] >= 1
     assert 0 < easy_m["meshd_tunnel_guess_probes_total"] <= 2048

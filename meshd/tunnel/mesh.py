@@ -307,6 +307,9 @@ class PeerStatus:
     """The peer's NAT class as it published it (`unknown` until it does)."""
     guessed: bool = False
     """The direct path was found by port guessing (`meshd.tunnel.guess`)."""
+    local: str = ""
+    """Where the path leaves from: direct, our socket (the tunnel socket, or a guess-pool
+    socket on a guessed path); relay, our relayed address."""
 
     def as_dict(self) -> dict[str, Any]:
         return {"node": self.node, "overlay": self.overlay, "online": self.online,
@@ -314,7 +317,7 @@ class PeerStatus:
                 "rttMs": self.rtt_ms, "bytesIn": self.bytes_in, "bytesOut": self.bytes_out,
                 "lastHandshake": self.last_handshake, "timeToDirectS": self.time_to_direct_s,
                 "timeToRelayS": self.time_to_relay_s, "session": self.session, "nat": self.nat,
-                "guessed": self.guessed}
+                "guessed": self.guessed, "local": self.local}
 
 
 class _TurnLink:
@@ -1174,7 +1177,8 @@ class MeshNode:
                 session=stats.state if stats else "none",
                 time_to_relay_s=peer.machine.metrics.time_to_relay_s,
                 nat=peer.info.nat.nat_type if peer.info.nat is not None else "unknown",
-                guessed=peer.machine.path_guessed))
+                guessed=peer.machine.path_guessed,
+                local=format_address(path.local) if path.local else ""))
         return rows
 
     def peer_overlay(self, node: str) -> ipaddress.IPv4Address | None:

@@ -904,7 +904,9 @@ class TurnServer:
         takes the rest, e.g. a shorter last datagram)."""
         header = data[:4]
         count = len(data) // segment  # full-size datagrams
-        if (count < 2 or not 0x40 <= header[0] <= 0x7F
+        # A segment under the 4-byte header cannot be ChannelData (a GRO read of tiny
+        # datagrams, or a peer's garbage): the per-datagram loop drops those.
+        if (count < 2 or segment < 4 or not 0x40 <= header[0] <= 0x7F
                 or header[2] << 8 | header[3] != segment - 4):
             return 0
         end = count * segment

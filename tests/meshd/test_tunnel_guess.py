@@ -214,6 +214,7 @@ def test_symmetric_x_port_restricted_goes_direct_by_guessing(sym_name: str,
             assert packet in world.tun[dst]
         (kept,) = world.open[sym_name]  # the pool closed every other socket
         assert sym.guess_pool.open == {kept}
+        assert world.row(sym_name, pr_name).local == f"{kept[0]}:{kept[1]}"  # status says so
         assert any(e.new == "direct" for e in world.events[sym_name])
         assert sym.metrics.guess_phases == {"hard": 1} and pr.metrics.guess_phases == {"easy": 1}
         assert sym.metrics.guess_hits == {"hard": 1} and pr.metrics.guess_hits == {"easy": 1}
@@ -466,4 +467,5 @@ def test_a_probe_that_hits_the_tunnel_sockets_mapping_is_a_guess_too() -> None:
         path = sym._peers["edge-b"].machine.current_path()
         assert path.kind.value == "direct" and path.local == sym.local  # not the pool socket
         assert world.row("edge-a", "edge-b").guessed and world.row("edge-b", "edge-a").guessed
+        assert world.row("edge-a", "edge-b").local == f"{sym.local[0]}:{sym.local[1]}"
         assert sym.metrics.guess_hits == {"hard": 1}

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from dataclasses import replace
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from meshd.stun.codec import Data, MessageClass, Method, StunMessage, XorPeerAddress, encode_message
@@ -510,6 +510,8 @@ def test_relay_to_relay_equals_the_way_through_the_kernel(
 @given(st.lists(st.tuples(st.binary(max_size=300), st.integers(-3, 80),
                           st.sampled_from(["client", "peer", "other"]),
                           st.sampled_from(["listen", "relayed", "unknown"])), max_size=10))
+@example([(b"@\x00", 1, "client", "listen")])  # segment under the ChannelData header (found)
+@example([(b"@\x00\x00\xff" * 3, 3, "client", "listen")])
 def test_garbage_reads_never_raise(reads: list[tuple[bytes, int, str, str]]) -> None:
     agent = channel_agent()
     assert agent.relayed is not None

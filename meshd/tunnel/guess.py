@@ -199,12 +199,14 @@ class GuessPool:
         """Datagrams on pool sockets that nobody claimed."""
 
     def acquire(self, peer: str) -> int:
-        """`peer` starts a phase: how many sockets to ask the adapter for now (0: none)."""
+        """`peer` starts a phase: how many sockets to ask the adapter for now (0: none). The
+        pool is topped up to K: sockets kept for guessed paths (`collect`) stay and serve the
+        new phase too, but alone they would give it a K of one or two (a few % hit chance)."""
         self.users.add(peer)
-        if self.open or self.requested:
+        if self.requested or len(self.open) >= self.size:
             return 0
         self.requested = True
-        return self.size
+        return self.size - len(self.open)
 
     def opened(self, addresses: tuple[Address, ...]) -> None:
         """The adapter opened these (it may open fewer than asked, or none)."""

@@ -176,7 +176,11 @@ def test_pool_bookkeeping() -> None:
     pool.release("p1")
     pool.release("p2")
     assert pool.collect({("10.0.0.1", 2)}) == (("10.0.0.1", 1),)
-    assert pool.open == {("10.0.0.1", 2)} and pool.acquire("p3") == 0
+    # A socket kept for a guessed path stays; the next phase tops the pool up to K.
+    assert pool.open == {("10.0.0.1", 2)} and pool.acquire("p3") == 3
+    assert pool.acquire("p4") == 0  # already asked
+    pool.opened((("10.0.0.1", 3), ("10.0.0.1", 4), ("10.0.0.1", 5)))
+    assert len(pool.open) == 4 and pool.acquire("p5") == 0
 
 
 # --- whole nodes --------------------------------------------------------------------------------
@@ -469,3 +473,31 @@ def test_a_probe_that_hits_the_tunnel_sockets_mapping_is_a_guess_too() -> None:
         assert world.row("edge-a", "edge-b").guessed and world.row("edge-b", "edge-a").guessed
         assert world.row("edge-a", "edge-b").local == f"{sym.local[0]}:{sym.local[1]}"
         assert sym.metrics.guess_hits == {"hard": 1}
+
+
+def test_a_phase_after_a_guessed_path_gets_a_full_pool() -> None:
+    """The symmetric node guesses with two port-restricted peers behind one router. The
+    first phase hits and the pool closes all but the guessed path's socket; the second
+    phase (the other peer's class is learnt later) tops the pool up to K instead of guessing
+    with that one socket (a ~3 % chance; the demo's lte1 → home1 stayed relayed on it)."""
+    world = GuessWorld(seed=1)
+    world.net.add_nat(SimNat(SYM_IP, "10.0.1.0/24", **SYMMETRIC))
+    world.net.add_nat(SimNat(PR_IP, "10.0.2.0/24", **PORT_RESTRICTED))
+    world.add("lte1", ("10.0.1.2", 41641))
+    world.add("home1", ("10.0.2.2", 52113))
+    world.add("home2", ("10.0.2.3", 52113))
+    classified(world, {"lte1": "symmetric", "home2": "port-restricted"})
+    with world.traced():
+        world.run(8.0)
+        assert world.row("lte1", "home2").guessed and world.row("home2", "lte1").guessed
+        assert world.path("lte1", "home1") == "relay"  # home1's class is not known yet
+        (kept,) = world.open["lte1"]  # the guessed path's socket
+        classified(world, {"home1": "port-restricted"})
+        world.run(15.0)
+        assert world.wanted["lte1"] == [256, 255]  # topped up, not one socket
+        for a, b in (("lte1", "home1"), ("home1", "lte1"), ("lte1", "home2")):
+            row = world.row(a, b)
+            assert row.path == "direct" and row.guessed, (a, b, row)
+        assert world.row("lte1", "home2").local == f"{kept[0]}:{kept[1]}"
+        assert world.nodes["lte1"].metrics.guess_hits == {"hard": 2}
+        assert len(world.open["lte1"]) in (1, 2)  # the guessed paths' sockets only

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from meshd.stun.codec import MessageClass, Method, StunMessage, encode_message
+from meshd.tunnel import fastpath
 
 MeshdCli = Callable[..., "subprocess.CompletedProcess[str]"]
 
@@ -137,3 +138,16 @@ def coturn(tmp_path: Path) -> Iterator[tuple[str, int]]:
         yield primary
     finally:
         stop(proc)
+
+
+@pytest.fixture(params=["native", "pure"])
+def data_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The sessions' send counters and replay windows from the extension, then the pure-Python
+    ones meshd uses without it (no compiler at install time, or MESHD_PURE_PYTHON=1); modules
+    opt in with `pytestmark = pytest.mark.usefixtures("data_path")`."""
+    if request.param == "native":
+        if not fastpath.AVAILABLE:
+            pytest.skip("meshd.tunnel._fastpath is not built")
+    else:
+        monkeypatch.setattr(fastpath, "_native", None)
+    return str(request.param)

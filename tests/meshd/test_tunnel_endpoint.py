@@ -40,6 +40,9 @@ OVERLAY: dict[str, OverlayAddress] = {
 CA = CertificateAuthority.generate(now=NOW)
 VERIFIER = CAPeerVerifier(CA.cert, lambda n: [OVERLAY[n]] if n in OVERLAY else [])
 
+# Both data paths: the extension's counters and replay windows, and the pure-Python ones.
+pytestmark = pytest.mark.usefixtures("data_path")
+
 
 def identity(node: str) -> LocalIdentity:
     issued = CA.issue_client_cert(node_identity(node), now=NOW)

@@ -63,6 +63,9 @@ OVERLAY: dict[str, OverlayAddress] = {
     "edge-7": ipaddress.IPv6Address("fd00::7"),
 }
 
+# Both data paths: the extension's counters and replay windows, and the pure-Python ones.
+pytestmark = pytest.mark.usefixtures("data_path")
+
 
 # -- identities (minted once per module: CA work is the slow part) -----------------------------
 
@@ -307,6 +310,16 @@ def test_first_packets_wait_for_the_handshake_then_flow_both_ways() -> None:
     stats = w.b.stats()
     assert stats.packets_received == 6 and stats.bytes_received == 6 * 120
     assert stats.state == "established" and stats.handshakes_completed == 1
+
+
+def test_the_keys_use_the_data_path_under_test(data_path: str) -> None:
+    """The `data_path` fixture really swaps the classes (pure: as without the extension)."""
+    w = established()
+    route = w.a.fast_route(w.now, None)
+    assert route is not None
+    native = type(route.counter).__module__ == "meshd.tunnel._fastpath"
+    assert native is (data_path == "native")
+    assert (type(route.replay).__module__ == "meshd.tunnel._fastpath") is native
 
 
 def test_the_state_table_path_of_a_first_handshake() -> None:

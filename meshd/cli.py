@@ -14,7 +14,7 @@ import sys
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from edgeweave import __version__
 from edgeweave.cli import UserError, add_common, base_parser, run
@@ -39,6 +39,10 @@ from meshd.stun.transaction import RetransmitPolicy
 from meshd.turn.credentials import read_secrets
 from meshd.turn.server import TurnServerConfig
 from meshd.udp import BindError
+
+if TYPE_CHECKING:
+    from meshd.control.revoked import RevokedFile
+    from meshd.control.service import RevocationWatcher
 
 log = logging.getLogger("meshd.stun")
 control_log = logging.getLogger("meshd.control")
@@ -325,7 +329,7 @@ def _server(args: argparse.Namespace, config: MeshdConfig) -> int:
     relay = _relay_config(args, config.relay)
     control = _control_settings(args, config)
     if not relay.enabled:
-        asyncio.run(_with_control(control, lambda: _serve(stun)))
+        asyncio.run(_with_control(control, lambda _: _serve(stun)))
         return 0
     if relay.auth_secret_file is None:
         raise UserError("relay: authSecretFile is required when the relay is enabled "
@@ -339,7 +343,8 @@ def _server(args: argparse.Namespace, config: MeshdConfig) -> int:
         turn = relay.server_config(secrets, stun)
     except ValueError as exc:
         raise UserError(f"relay: {exc}") from None
-    asyncio.run(_with_control(control, lambda: _serve_relay(stun, relay, turn)))
+    asyncio.run(_with_control(control, lambda revoked: _serve_relay(stun, relay, turn,
+                                                                     revoked)))
     return 0
 
 
@@ -383,7 +388,11 @@ async def _serve(stun: StunConfig) -> None:
               errors=core.errors, dropped=core.dropped)
 
 
-async def _serve_relay(stun: StunConfig, relay: RelayConfig, turn: TurnServerConfig) -> None:
+async def _serve_relay(stun: StunConfig, relay: RelayConfig, turn: TurnServerConfig,
+                       revoked: RevocationWatcher | None = None) -> None:
+    """STUN + TURN until SIGINT/SIGTERM; with `revoked` (the control channel's revocation
+    list), revoked nodes lose their allocations and get 403 from the moment a list takes
+    effect."""
     from meshd.turn.service import TurnService, start_metrics
 
     loop = asyncio.get_running_loop()
@@ -404,6 +413,8 @@ async def _serve_relay(stun: StunConfig, relay: RelayConfig, turn: TurnServerCon
         raise UserError(str(exc)) from None
     server, stun_core = service.server, service.stun
     assert server is not None and stun_core is not None
+    unsubscribe = (revoked.subscribe(lambda r: service.set_revoked_nodes(r.nodes))
+                   if revoked is not None else None)
     runner = None
     try:
         if relay.metrics_address:
@@ -418,6 +429,8 @@ async def _serve_relay(stun: StunConfig, relay: RelayConfig, turn: TurnServerCon
                 event(log, logging.INFO, "turn.metrics", address=f"{address[0]}:{address[1]}")
         await stop.wait()
     finally:
+        if unsubscribe is not None:
+            unsubscribe()
         if runner is not None:
             await runner.cleanup()
         service.close()
@@ -446,6 +459,8 @@ class _Control:
     config: ControlConfig
     core: ControlServerConfig
     tls: ssl.SSLContext
+    revoked: RevokedFile | None
+    """The revocation list, read once (a bad one stops the start)."""
 
 
 def _control_settings(args: argparse.Namespace, config: MeshdConfig) -> _Control | None:
@@ -489,18 +504,30 @@ def _control_settings(args: argparse.Namespace, config: MeshdConfig) -> _Control
         tls = server_tls_context(control.cert_file, control.key_file, control.ca_file)
     except PKIError as exc:
         raise UserError(f"control: {exc}") from None
-    return _Control(control, core, tls)
+    revoked = None
+    if control.revoked_file is not None:
+        from meshd.control.revoked import RevokedFile, RevokedFileError
+
+        revoked = RevokedFile(control.revoked_file)
+        try:
+            revoked.load()
+        except RevokedFileError as exc:
+            raise UserError(f"control: revokedFile {exc}") from None
+    return _Control(control, core, tls, revoked)
 
 
-async def _with_control(control: _Control | None,
-                        serving: Callable[[], Coroutine[Any, Any, None]]) -> None:
-    """Run `serving()` (STUN, relay) with the control channel beside it when enabled."""
+async def _with_control(
+        control: _Control | None,
+        serving: Callable[[RevocationWatcher | None], Coroutine[Any, Any, None]]) -> None:
+    """Run `serving(revoked)` (STUN, relay) with the control channel beside it when enabled;
+    `revoked` keeps the revocation list in force (None without `control.revokedFile`): the
+    relay subscribes to it."""
     if control is None:
-        await serving()
+        await serving(None)
         return
     from meshd.control.registry import REGISTRY_FILE, JsonRegistryStore, RegistryStoreError
     from meshd.control.server import ControlServer
-    from meshd.control.service import ControlService
+    from meshd.control.service import ControlService, RevocationWatcher
     from meshd.turn.service import start_metrics
 
     data_dir = control.config.data_dir
@@ -524,6 +551,14 @@ async def _with_control(control: _Control | None,
             service = await ControlService.start(server, control.tls, host, port)
         except BindError as exc:
             raise UserError(str(exc)) from None
+        loop = asyncio.get_running_loop()
+        watcher = None
+        if control.revoked is not None:
+            # No await since the listener started: in force before any connection is served.
+            watcher = RevocationWatcher(control.revoked)
+            watcher.subscribe(service.set_revoked)
+            watcher.start()
+            loop.add_signal_handler(signal.SIGHUP, watcher.reload)
         runner = None
         try:
             if control.config.metrics_address:
@@ -535,8 +570,11 @@ async def _with_control(control: _Control | None,
                 for address in runner.addresses:
                     event(control_log, logging.INFO, "control.metrics",
                           address=f"{address[0]}:{address[1]}")
-            await serving()
+            await serving(watcher)
         finally:
+            if watcher is not None:
+                loop.remove_signal_handler(signal.SIGHUP)
+                watcher.close()
             if runner is not None:
                 await runner.cleanup()
             await service.close()

@@ -19,6 +19,7 @@
       caFile: /etc/edgeweave/meshd/ca.crt
       certFile: /etc/edgeweave/meshd/meshd-server.crt
       keyFile: /etc/edgeweave/meshd/meshd-server.key
+      revokedFile: /etc/edgeweave/meshd/revoked.txt   # node names / serial:HEX; SIGHUP re-reads
 """
 
 from __future__ import annotations
@@ -258,6 +259,9 @@ class ControlConfig:
     """Largest signal routed."""
     metrics_address: str = ""
     """`host:port` for Prometheus `/metrics` of the control counters; "" = off."""
+    revoked_file: Path | None = None
+    """Revocation list: one node name or `serial:HEX` per line (`meshd.control.revoked`);
+    re-read on SIGHUP and when it changes. None = nothing revoked."""
 
     def __post_init__(self) -> None:
         try:

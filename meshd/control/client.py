@@ -28,7 +28,12 @@ stayed up for `stable_after_s`.
 
 The peer table (`peers`) is kept while disconnected (tunnels keep flowing without the server)
 and replaced by the server's full list after the next welcome. `PeerLeft` keeps the entry,
-offline.
+offline. A `revoked` error empties it (`PeersChanged` with every peer removed): the server
+sent every peer a table without this node, so their tunnels to it are gone and their
+handshakes refuse ours; keeping our half would leave keys the peers forgot in place once the
+revocation is lifted. A fatal error that ends a session is named in `last_error` (`closed by
+the server: revoked: ...`), as before the welcome, where the refusal line says it (the
+`control.server_error` line is then a debug one: a refused node retries every few seconds).
 
 Versions: the hello says `config.version` (the newest); a server that refuses it with
 `unsupported-version` (a version 1 server refuses anything but 1) gets a hello of
@@ -277,6 +282,8 @@ def effective_turn_servers(turn: TurnGrant, control_host: str) -> tuple[TurnServ
 
 
 _ROUTINE_ERRORS = frozenset({"shutdown", "replaced"})  # expected in normal operation
+REVOKED = "revoked"
+"""The server's error code for a revoked node (`meshd.control.server.ErrorCode.REVOKED`)."""
 
 
 class ControlClient:
@@ -435,7 +442,9 @@ class ControlClient:
                                                        or not self._heard):
             self._refused(reason, now)
         elif self.state in (ClientState.HELLO_SENT, ClientState.READY):
-            self._lose(reason, now, close=False)
+            fatal = self._fatal  # e.g. `revoked`: say it in last_error (meshd status)
+            self._lose(f"{reason}: {fatal.code}: {fatal.message}" if fatal is not None
+                       else reason, now, close=False)
 
     def receive_data(self, data: bytes, now: float) -> None:
         """Bytes from the server."""
@@ -499,12 +508,21 @@ class ControlClient:
         if isinstance(message, Error):
             if not message.peer:  # about the session, not a signal: the server then closes
                 routine = message.code in _ROUTINE_ERRORS
-                if self.state is ClientState.HELLO_SENT and not routine:
+                if not routine:
                     self._fatal = message
-                level = logging.INFO if routine else logging.WARNING
+                # Before the welcome it is a refusal: `control.refused` names it, rate-limited
+                # (a revoked or unauthorized node is refused on every retry).
+                level = (logging.INFO if routine else logging.DEBUG
+                         if self.state is ClientState.HELLO_SENT else logging.WARNING)
                 event(log, level, "control.server_error", node=self.node or "-",
                       code=message.code, message=message.message)
             self._events.append(ServerError(message.code, message.message, message.peer))
+            if not message.peer and message.code == REVOKED and self._peers:
+                removed = tuple(self._peers)
+                self._peers = {}
+                event(log, logging.WARNING, "control.revoked", node=self.node or "-",
+                      peers_dropped=len(removed))
+                self._events.append(PeersChanged({}, (), removed))
             return
         if self.state is ClientState.HELLO_SENT:
             if isinstance(message, Welcome):

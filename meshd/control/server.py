@@ -32,6 +32,15 @@ What it does:
   while it is open (`certificate-expired`): TLS checked validity once, at the handshake
   (RFC 5280 §6.1.3), and a node must not keep routing signals or minting TURN credentials on
   an expired identity. One sweep timer checks them every `sweep_interval_s`.
+- Revocation (`set_revoked`: node names and certificate serials, from `control.revokedFile`):
+  a revoked certificate is refused at connect (`revoked`), a connected one is cut at once, and
+  a revoked node is left out of the published table: every online node gets a fresh `peers`
+  table without it (agents drop a peer missing from it: routes, paths, tunnel keys), welcomes
+  never list it, signals to it are refused as to an offline node. A node revoked by serial is
+  hidden while the certificate of its last session is revoked (until it comes back with
+  another one; in memory only: after a restart only node-name entries hide a node that has not
+  reconnected). Lifting a revocation puts the node back (offline until it reconnects). The
+  registry keeps its record and address throughout.
 
 Session states (`TRANSITIONS`):
 
@@ -44,7 +53,7 @@ from __future__ import annotations
 import enum
 import ipaddress
 import logging
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from edgeweave.log import event
@@ -84,6 +93,33 @@ log = logging.getLogger("meshd.control")
 ConnectionId = int
 """Chosen by the adapter, unique per connection for the life of the server."""
 
+REFUSAL_LOG_S = 60.0
+"""A refused host (or revoked node) is logged at WARNING once per this long; its retries in
+between (agents retry every few seconds) are counted and reported with the next warning
+(`refusals`)."""
+_REFUSAL_HOSTS = 1024  # hosts remembered for that; older entries go first
+
+
+class RefusalLog:
+    """Which refused hosts to warn about now (a refused agent must not flood the log)."""
+
+    def __init__(self, window_s: float = REFUSAL_LOG_S, hosts: int = _REFUSAL_HOSTS) -> None:
+        self._window_s = window_s
+        self._hosts = hosts
+        self._seen: dict[str, tuple[float, int]] = {}  # host -> (last warned, refused since)
+
+    def refused(self, host: str, now: float) -> int | None:
+        """A refusal from `host`: the count of refusals since the last warning (including
+        this one) when it should be warned about now, else None (counted)."""
+        last = self._seen.pop(host, None)  # re-inserted last: the dict stays oldest-first
+        if last is not None and now - last[0] < self._window_s:
+            self._seen[host] = (last[0], last[1] + 1)
+            return None
+        if len(self._seen) >= self._hosts:
+            del self._seen[next(iter(self._seen))]
+        self._seen[host] = (now, 0)
+        return 1 if last is None else last[1] + 1
+
 
 class ErrorCode(enum.StrEnum):
     """`code` of the error messages the server sends (F = the connection is then closed)."""
@@ -110,6 +146,8 @@ class ErrorCode(enum.StrEnum):
     """F: the client certificate's notAfter passed while connected."""
     SHUTDOWN = "shutdown"
     """F: the server is stopping (reconnect)."""
+    REVOKED = "revoked"
+    """F: the node, or this certificate of it, is on the revocation list."""
     BAD_PEER = "bad-peer"
     """A signal to oneself."""
     PEER_OFFLINE = "peer-offline"
@@ -250,6 +288,7 @@ class _Session:
     version: int = MIN_PROTOCOL_VERSION
     turn_refresh_at: float | None = None
     not_after: float | None = None  # the client certificate's expiry (Unix seconds)
+    serial: int | None = None  # the client certificate's serial number
 
     def move(self, what: str) -> None:
         self.state = TRANSITIONS[(self.state, what)]
@@ -269,6 +308,10 @@ class ControlServer:
         self._online: dict[str, _Session] = {}  # node -> its ACTIVE session
         self._published: dict[str, PeerInfo] = {}  # the table as agents know it
         self._next_sweep: float | None = None
+        self._revoked_nodes: frozenset[str] = frozenset()
+        self._revoked_serials: frozenset[int] = frozenset()
+        self._last_serial: dict[str, int] = {}  # node -> serial of its last accepted hello
+        self._refusals = RefusalLog()  # revoked nodes retry every few seconds
         for node in self.registry:
             info = self._info(node, online=False)
             if info is not None:
@@ -277,10 +320,12 @@ class ControlServer:
     # --- entry points ---------------------------------------------------------------------------
 
     def connection_made(self, conn: ConnectionId, node: str | None, now: float, *,
-                        not_after: float | None = None) -> list[Output]:
+                        not_after: float | None = None,
+                        serial: int | None = None) -> list[Output]:
         """A connection passed TLS; `node` is the node name in its client certificate (None if
         the certificate names no node), `not_after` when that certificate expires (Unix
-        seconds; the session is closed then)."""
+        seconds; the session is closed then), `serial` its serial number (checked against
+        the revocation list)."""
         self.metrics.connections_total += 1
         if node is None or not is_valid_node_name(node):
             self.metrics.auth_failures += 1
@@ -288,11 +333,18 @@ class ControlServer:
                   reason="certificate names no node")
             return self._refuse_unregistered(conn, ErrorCode.UNAUTHORIZED,
                                              "the client certificate names no node")
+        why = self._revocation(node, serial)
+        if why is not None:
+            count = self._refusals.refused(node, now)
+            event(log, logging.WARNING if count is not None else logging.DEBUG,
+                  "control.refused", conn=conn, node=node, reason=why,
+                  refusals=count if count is not None else "-")
+            return self._refuse_unregistered(conn, ErrorCode.REVOKED, why)
         self._sessions[conn] = _Session(conn, node, now, now,
                                         FrameDecoder(self.config.max_frame),
                                         TokenBucket.full(self.config.signals_per_s,
                                                          self.config.signal_burst, now),
-                                        not_after=not_after)
+                                        not_after=not_after, serial=serial)
         if self._next_sweep is None:
             self._next_sweep = now + self.config.sweep_interval_s
         event(log, logging.DEBUG, "control.connect", conn=conn, node=node)
@@ -365,6 +417,23 @@ class ControlServer:
         self._next_sweep = now + cfg.sweep_interval_s if self._sessions else None
         return out
 
+    def set_revoked(self, nodes: Iterable[str], serials: Iterable[int],
+                    now: float) -> list[Output]:
+        """Put a revocation list in force (the whole list: what is not in it is no longer
+        revoked): cut the sessions it revokes (`revoked`), and send every online node a fresh
+        `peers` table if the nodes it hides or shows changed."""
+        self._revoked_nodes = frozenset(nodes)
+        self._revoked_serials = frozenset(serials)
+        out: list[Output] = []
+        for session in list(self._sessions.values()):
+            why = self._revocation(session.node, session.serial)
+            if why is not None:
+                event(log, logging.WARNING, "control.revoked_session", conn=session.conn,
+                      node=session.node, reason=why)
+                self._fail(session, ErrorCode.REVOKED, why, now, out, announce=False)
+        self._sync_table(out)
+        return out
+
     def shutdown(self, now: float) -> list[Output]:
         """Tell every agent the server stops (they reconnect at once) and close everything."""
         out: list[Output] = []
@@ -384,7 +453,8 @@ class ControlServer:
         return sorted(self._online)
 
     def peer_table(self) -> Mapping[str, PeerInfo]:
-        """The table as agents see it (every node with a known static key)."""
+        """The table as agents see it (every node with a known static key, revoked ones
+        left out)."""
         return dict(self._published)
 
     def session_state(self, conn: ConnectionId) -> SessionState:
@@ -408,6 +478,8 @@ class ControlServer:
             ("meshd_control_signals_routed_total", {}, m.signals_routed),
             ("meshd_control_credentials_issued_total", {}, m.credentials_issued),
             ("meshd_control_nat_reports_total", {}, m.nat_reports),
+            ("meshd_control_revoked_nodes", {},
+             len(self._revoked_nodes) + len(self._revoked_serials)),
         ]
         by_type: dict[str, int] = {}
         for node in self._online:
@@ -466,6 +538,10 @@ class ControlServer:
         session.move("hello")
         session.static_key = hello.static_key
         session.version = min(hello.version, PROTOCOL_VERSION)
+        if session.serial is not None:
+            self._last_serial[node] = session.serial
+        else:
+            self._last_serial.pop(node, None)
         if hello.nat is not None:
             self._store_nat(session, hello.nat)
         self._online[node] = session
@@ -493,7 +569,7 @@ class ControlServer:
         if not session.signals.take(now):
             return self._drop(session, signal, ErrorCode.RATE_LIMITED,
                               f"over {cfg.signals_per_s:g} signals/s", out)
-        if target is None:
+        if target is None or self._hidden(signal.peer):
             return self._drop(session, signal, ErrorCode.PEER_OFFLINE,
                               f"{signal.peer} is not connected", out)
         try:
@@ -566,6 +642,8 @@ class ControlServer:
 
     def _publish(self, node: str, out: list[Output]) -> None:
         """Tell every other online node about a change of `node`'s entry."""
+        if self._hidden(node):
+            return
         info = self._info(node, online=node in self._online)
         if info is None or self._published.get(node) == info:
             return
@@ -574,6 +652,39 @@ class ControlServer:
         message: Message = PeerLeft(node) if left else PeerJoined(info)
         frame = encode_frame(message)
         out.extend(SendFrame(s.conn, frame) for n, s in self._online.items() if n != node)
+
+    def _revocation(self, node: str, serial: int | None) -> str | None:
+        """Why a certificate of `node` with `serial` is revoked, None if it is not."""
+        if node in self._revoked_nodes:
+            return f"node {node} is revoked"
+        if serial is not None and serial in self._revoked_serials:
+            return f"certificate serial {serial:x} is revoked"
+        return None
+
+    def _hidden(self, node: str) -> bool:
+        """Left out of the published table: revoked by name, or its last session's
+        certificate is revoked."""
+        return node in self._revoked_nodes or \
+            self._last_serial.get(node, -1) in self._revoked_serials
+
+    def _sync_table(self, out: list[Output]) -> None:
+        """Bring the published table in line with the registry and the revocation list;
+        if it changed, send every online node the whole table (a `peers` replaces the
+        agent's, so peers missing from it are dropped; v1 agents understand it too)."""
+        table: dict[str, PeerInfo] = {}
+        for node in self.registry:
+            if not self._hidden(node):
+                info = self._info(node, online=node in self._online)
+                if info is not None:
+                    table[node] = info
+        if table == self._published:
+            return
+        self._published = table
+        event(log, logging.INFO, "control.table", nodes=len(table),
+              hidden=sum(1 for n in self.registry if self._hidden(n)))
+        for node, session in self._online.items():
+            self._send(session, Peers(tuple(p for n, p in sorted(table.items())
+                                            if n != node)), out)
 
     def _send(self, session: _Session, message: Message, out: list[Output]) -> None:
         out.append(SendFrame(session.conn, encode_frame(message)))

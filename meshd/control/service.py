@@ -40,7 +40,16 @@ from edgeweave.kube.client import load_kubeconfig
 from edgeweave.log import event
 from edgeweave.pki import ClientAuth, client_context, peer_identity, server_context
 from meshd.control.client import Close, ControlClient, ControlEvent, Dial, Send
-from meshd.control.server import CloseConnection, ConnectionId, ControlServer, Output, SendFrame
+from meshd.control.revoked import Revocations, RevokedFile
+from meshd.control.server import (
+    REFUSAL_LOG_S,
+    CloseConnection,
+    ConnectionId,
+    ControlServer,
+    Output,
+    RefusalLog,
+    SendFrame,
+)
 from meshd.udp import BindError
 
 log = logging.getLogger("meshd.control")
@@ -48,31 +57,10 @@ log = logging.getLogger("meshd.control")
 _READ_SIZE = 65536
 _WRITE_LIMIT = 8 << 20  # an agent that stopped reading: drop it beyond this much queued
 _CLOSE_GRACE_S = 5.0  # a closed connection's queued bytes get this long to leave
-REFUSAL_LOG_S = 60.0
-"""A refused host is logged at WARNING once per this long; its retries in between (agents
-retry every few seconds) are counted and reported with the next warning (`refusals`)."""
-_REFUSAL_HOSTS = 1024  # hosts remembered for that; older entries go first
-
-
-class RefusalLog:
-    """Which refused hosts to warn about now (a refused agent must not flood the log)."""
-
-    def __init__(self, window_s: float = REFUSAL_LOG_S, hosts: int = _REFUSAL_HOSTS) -> None:
-        self._window_s = window_s
-        self._hosts = hosts
-        self._seen: dict[str, tuple[float, int]] = {}  # host -> (last warned, refused since)
-
-    def refused(self, host: str, now: float) -> int | None:
-        """A refusal from `host`: the count of refusals since the last warning (including
-        this one) when it should be warned about now, else None (counted)."""
-        last = self._seen.pop(host, None)  # re-inserted last: the dict stays oldest-first
-        if last is not None and now - last[0] < self._window_s:
-            self._seen[host] = (last[0], last[1] + 1)
-            return None
-        if len(self._seen) >= self._hosts:
-            del self._seen[next(iter(self._seen))]
-        self._seen[host] = (now, 0)
-        return 1 if last is None else last[1] + 1
+REVOKED_POLL_S = 2.0
+"""How often the revocation list's mtime/size is looked at (SIGHUP re-reads at once)."""
+__all__ = ["REFUSAL_LOG_S", "REVOKED_POLL_S", "ControlConnector", "ControlService", "RefusalLog",
+           "RevocationWatcher", "agent_tls_context", "server_tls_context"]
 
 
 def server_tls_context(cert_file: Path, key_file: Path, ca_file: Path) -> ssl.SSLContext:
@@ -126,6 +114,26 @@ def _not_after(peercert: Mapping[str, Any] | None) -> float | None:
         return None
     try:
         return float(ssl.cert_time_to_seconds(text))
+    except ValueError:
+        return None
+
+
+def _serial(peercert: Mapping[str, Any] | None, ssl_object: ssl.SSLObject | None) -> int | None:
+    """The verified client certificate's serial number: from `getpeercert()`'s dict (hex
+    text), else parsed from the DER form."""
+    text = peercert.get("serialNumber") if peercert else None
+    if isinstance(text, str):
+        try:
+            return int(text, 16)
+        except ValueError:
+            pass
+    der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
+    if not der:
+        return None
+    from cryptography import x509  # only when the dict lacks it
+
+    try:
+        return x509.load_der_x509_certificate(der).serial_number
     except ValueError:
         return None
 
@@ -192,6 +200,11 @@ class ControlService:
             writer.transport.abort()
         self._writers.clear()
 
+    def set_revoked(self, revocations: Revocations) -> None:
+        """Put a revocation list in force (cuts the sessions it revokes)."""
+        self._emit(self.server.set_revoked(revocations.nodes, revocations.serials,
+                                           self._clock()))
+
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         assert task is not None
@@ -220,10 +233,13 @@ class ControlService:
         identity = peer_identity(peercert)
         node = identity.node_name if identity is not None else None
         not_after = _not_after(peercert)
+        serial = _serial(peercert, writer.get_extra_info("ssl_object"))
         conn = next(self._ids)
         self._writers[conn] = writer
-        event(log, logging.DEBUG, "control.accepted", conn=conn, peer=where, node=node or "-")
-        self._emit(self.server.connection_made(conn, node, self._clock(), not_after=not_after))
+        event(log, logging.DEBUG, "control.accepted", conn=conn, peer=where, node=node or "-",
+              serial=f"{serial:x}" if serial is not None else "-")
+        self._emit(self.server.connection_made(conn, node, self._clock(), not_after=not_after,
+                                               serial=serial))
         try:
             while conn in self._writers:
                 data = await reader.read(_READ_SIZE)
@@ -268,6 +284,67 @@ class ControlService:
     def _on_timer(self) -> None:
         self._timer = self._timer_at = None
         self._emit(self.server.handle_timer(self._clock()))
+
+
+class RevocationWatcher:
+    """Keeps `control.revokedFile` in force: hands its list to every subscriber (the control
+    service, the relay in the same process) at once and after each change. `reload()` re-reads
+    it (SIGHUP); a timer re-reads it when its mtime/size changes. A bad or missing file keeps
+    the previous list (`RevokedFile.reload` logs why)."""
+
+    def __init__(self, file: RevokedFile, *, poll_s: float = REVOKED_POLL_S) -> None:
+        self.file = file
+        """The list on disk (`file.current` is in force)."""
+        self._poll_s = poll_s
+        self._loop = asyncio.get_running_loop()
+        self._subscribers: list[Callable[[Revocations], None]] = []
+        self._timer: asyncio.TimerHandle | None = None
+
+    def subscribe(self, apply: Callable[[Revocations], None]) -> Callable[[], None]:
+        """Call `apply` with the list now and after every change; returns the unsubscribe."""
+        self._subscribers.append(apply)
+        apply(self.file.current)
+
+        def unsubscribe() -> None:
+            if apply in self._subscribers:
+                self._subscribers.remove(apply)
+        return unsubscribe
+
+    def start(self) -> None:
+        """Log the list in force and start polling the file."""
+        self._announce(self.file.current)
+        self._arm()
+
+    def reload(self) -> None:
+        """Re-read the file now, changed or not (SIGHUP)."""
+        self._apply(self.file.reload(force=True))
+
+    def close(self) -> None:
+        """Stop polling."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _arm(self) -> None:
+        self._timer = self._loop.call_later(self._poll_s, self._poll)
+
+    def _poll(self) -> None:
+        self._apply(self.file.reload())
+        self._arm()
+
+    def _apply(self, revocations: Revocations | None) -> None:
+        if revocations is None:
+            return
+        self._announce(revocations)
+        for apply in list(self._subscribers):
+            try:
+                apply(revocations)
+            except Exception as exc:  # one subscriber's bug must not keep the list from others
+                event(log, logging.ERROR, "control.revoked_apply_failed", error=repr(exc))
+
+    def _announce(self, revocations: Revocations) -> None:
+        event(log, logging.INFO, "control.revoked", nodes=len(revocations.nodes),
+              serials=len(revocations.serials), file=self.file.path)
 
 
 # --- agent ---------------------------------------------------------------------------------------

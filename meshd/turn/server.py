@@ -20,6 +20,11 @@ What it does:
   (§11) and ChannelData (§12.4) both ways. Nothing is relayed to or from a peer without a
   permission; peers on loopback, multicast or denied networks are refused (403).
 - An optional per-node token bucket on relayed bytes.
+- Revoked nodes (`set_revoked_nodes`, from the control channel's revocation list in the same
+  process): their allocations are deleted at once and their requests refused with 403
+  (Forbidden: "valid but cannot be performed due to administrative or similar restrictions",
+  RFC 8656 §19), though their REST credentials are still valid; a 401 would only make the
+  client authenticate again with the same credentials.
 - A batched data path (`handle_reads`, RFC 8656 §12.4 ChannelData both ways): reads of several
   datagrams in, `TransmitBatch`es out (one UDP GSO send each), the same checks and counters as
   `handle_datagram`; two relayed addresses of this server talk without the kernel in between.
@@ -351,6 +356,7 @@ class TurnServer:
         self._buckets: dict[str, TokenBucket] = {}  # bytes per node, one second's worth
         self._reservations: dict[bytes, _Reservation] = {}
         self._streams: dict[FiveTuple, StreamDecoder] = {}
+        self._revoked: frozenset[str] = frozenset()
         self._timers: list[tuple[float, int, _Allocation | bytes]] = []
         self._seq = itertools.count()
         self._handlers: dict[int, Callable[[StunMessage, _Auth, FiveTuple, float],
@@ -439,6 +445,22 @@ class TurnServer:
             self.metrics.allocations_deleted += 1
             self._delete(allocation, "connection closed")
 
+    def set_revoked_nodes(self, nodes: Iterable[str], now: float) -> list[Output]:
+        """Stop serving these nodes (the whole list; nodes not in it are served again):
+        delete their allocations now (their relayed ports are freed, their TCP connections
+        closed) and refuse their requests with 403 from now on."""
+        self.handle_timer(now)
+        self._revoked = frozenset(nodes)
+        out: list[Output] = []
+        cut = [a for a in self._by_flow.values() if a.node in self._revoked]
+        for allocation in cut:
+            self.metrics.allocations_deleted += 1
+            self._delete(allocation, "revoked")
+            if allocation.flow.transport is Transport.TCP:
+                out.append(StreamClose(allocation.flow, f"node {allocation.node} revoked"))
+        event(log, logging.INFO, "turn.revoked", nodes=len(self._revoked), deleted=len(cut))
+        return out
+
     def get_timer(self) -> float | None:
         """When the next allocation, permission, channel or reservation may expire."""
         return self._timers[0][0] if self._timers else None
@@ -526,6 +548,8 @@ class TurnServer:
         auth = self._authenticate(data, msg, flow, now)
         if not isinstance(auth, _Auth):
             return auth
+        if auth.node in self._revoked:
+            return self._error(flow, msg, 403, f"node {auth.node} is revoked", key=auth.key)
         if msg.unknown_required:
             return self._error(flow, msg, 420, key=auth.key,
                                extra=(UnknownAttributes(msg.unknown_required),))

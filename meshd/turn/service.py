@@ -307,6 +307,12 @@ class TurnService:
                        exc.errno) from None
         self.tcp_address = address
 
+    def set_revoked_nodes(self, nodes: Iterable[str]) -> None:
+        """Stop serving these nodes now (`TurnServer.set_revoked_nodes`): their allocations
+        go, their requests get 403."""
+        if self.server is not None:
+            self._emit(self.server.set_revoked_nodes(nodes, self._clock()))
+
     # --- core calls -------------------------------------------------------------------------------
 
     def _listening_readable(self, sock: BatchSocket) -> None:

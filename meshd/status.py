@@ -81,6 +81,10 @@ def render_peers(tunnel: dict[str, Any]) -> list[str]:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     table = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
              for r in rows]
+    if tunnel.get("control") != "ready" and tunnel.get("controlError"):
+        table.append(f"control channel: {tunnel['controlError']}")  # e.g. revoked
+    if tunnel.get("fastPathError"):
+        table.append(f"fast path stopped: {tunnel['fastPathError']} (Python carries the data)")
     fast = tunnel.get("fastPath")
     if isinstance(fast, dict):  # the native thread (docs/reference/meshd-tunnel.md)
         sending = fast.get("sending") or []

@@ -4,7 +4,9 @@
  * -- a lone data packet under a peer's current keys on a direct path -- between them without
  * entering the interpreter. Everything else (handshakes, STUN, TURN, GRO-coalesced reads, bulk
  * offload frames, other keys, anything odd) is handed to Python unchanged, in arrival order,
- * through a queue and an eventfd (`FastPath.drain`).
+ * through a queue and an eventfd (`FastPath.drain`). A datagram under a route's receiver index
+ * that fails authentication is the exception: dropped and counted here (`auth_failed`), since
+ * Python would open it a second time only to reject it the same way.
  *
  * Wire formats are meshd/tunnel/wire.py's (0xE3 data, 0xE4 fragments; big-endian headers) and
  * meshd/tunnel/offload.py's (10-byte little-endian virtio_net_hdr in front of a frame). AEAD:
@@ -21,6 +23,12 @@
  * - `queue_lock` guards the hand-off queue. The two are never held together;
  * - Python callers wait for either lock with the GIL released, and never run Python code (which
  *   may release the GIL) while holding one; lock order peers_lock -> a ReplayWindow's lock.
+ *
+ * The thread reads and writes its own dup()s of the caller's fds (a caller that closes or reuses
+ * a number cannot pull the file from under it). An error it cannot get past (poll failing, mesh0
+ * gone, the socket shut down) ends it: it records the errno and where (`FastPath.error`) as its
+ * last act, after its last hand-off, and wakes Python through the eventfd, so that Python reads
+ * `error` and then drains everything the thread had queued.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -71,11 +79,11 @@ enum {
 /* Cumulative counters, in `counters()` order. */
 enum {
     C_TUN_READS, C_UDP_READS, C_FAST_TX, C_FAST_RX, C_HANDED_TUN, C_HANDED_UDP,
-    C_TUN_WRITE_ERRORS, C_SEND_ERRORS, C_REPLAY_RACES, C_PAUSED, N_COUNTS
+    C_TUN_WRITE_ERRORS, C_SEND_ERRORS, C_REPLAY_RACES, C_PAUSED, C_AUTH_FAILED, N_COUNTS
 };
 static const char *const count_names[N_COUNTS] = {
     "tun_reads", "udp_reads", "fast_tx", "fast_rx", "handed_tun", "handed_udp",
-    "tun_write_errors", "send_errors", "replay_races", "paused",
+    "tun_write_errors", "send_errors", "replay_races", "paused", "auth_failed",
 };
 
 /* ---------------------------------------------------------------------------------------------
@@ -543,9 +551,10 @@ typedef struct {
     bool has_endpoint;
     struct sockaddr_storage endpoint;
     socklen_t endpoint_len;
-    double until;
+    double send_until;    /* from here on TUN reads for this peer go to Python */
+    double receive_until; /* ... and datagrams under its index too */
     /* since the last take_stats */
-    uint64_t tx_packets, tx_bytes, rx_packets, rx_bytes;
+    uint64_t tx_packets, tx_bytes, rx_packets, rx_bytes, auth_failed;
     double last_tx, last_rx;
 } Peer;
 
@@ -566,7 +575,7 @@ typedef struct {
 typedef struct {
     PyObject_HEAD
     /* fixed at construction */
-    int udp_fd, tun_fd, udp_family;
+    int udp_fd, tun_fd, udp_family; /* our dup()s of the caller's fds, closed by close() */
     bool frames, check_source;
     size_t fragment_part, queue_limit;
     int notify_fd; /* eventfd for Python: readable while hand-offs wait */
@@ -593,6 +602,10 @@ typedef struct {
     atomic_bool tun_held;
     atomic_bool udp_held;
     _Atomic uint64_t counts[N_COUNTS];
+    /* The thread stopped on this errno (0: it did not); `error_where` is written before it. */
+    atomic_int error_errno;
+    const char *error_where;
+    atomic_int inject_errno; /* _fail_for_test: the thread's next poll fails with this */
 } FastPathObject;
 
 static PyTypeObject FastPathType;
@@ -822,7 +835,7 @@ send_native(FastPathObject *fp, uint8_t *buf, size_t n)
     if (p == NULL)
         goto python;
     double now = monotonic_now();
-    if (!(now < p->until))
+    if (!(now < p->send_until))
         goto python;
     bool fragment = false;
     if (fp->frames) {
@@ -896,10 +909,18 @@ receive_native(FastPathObject *fp, const uint8_t *d, size_t n)
     if (p == NULL)
         goto python;
     double now = monotonic_now();
-    if (!(now < p->until) || !replay_check(p->k.replay, counter))
+    if (!(now < p->receive_until) || !replay_check(p->k.replay, counter))
         goto python;
-    if (!aead_open(p->k.open, counter, d + header, len, plain))
-        goto python;
+    if (!aead_open(p->k.open, counter, d + header, len, plain)) {
+        /* Forged or corrupted under the current keys: Python would open it again only to
+         * reach the same verdict (`auth-failed`), so it is dropped here and counted for it.
+         * Other keypairs of the peer (previous, next) have other indexes: theirs go to
+         * Python. Nothing was marked. */
+        p->auth_failed++;
+        pthread_mutex_unlock(&fp->peers_lock);
+        count(fp, C_AUTH_FAILED);
+        return true;
+    }
     if (header == FRAGMENT_HEADER) { /* an offload frame */
         if (!plain_frame_ok(plain, len))
             goto python;
@@ -951,20 +972,37 @@ python:
     return false;
 }
 
-/* Drain TUN; false if the fd failed (then it rests RETRY_MS). */
-static bool
-read_tun(FastPathObject *fp)
+/* What a drain of one fd came to. */
+enum {
+    READ_OK,    /* read until EAGAIN, or a batch */
+    READ_EMPTY, /* the first read found nothing */
+    READ_REST,  /* out of memory or buffers: the fd rests RETRY_MS */
+    READ_FATAL, /* an error no later read gets past: the thread stops */
+};
+
+/* Drain TUN (READ_FATAL sets *err: an errno, 0 for end of file). */
+static int
+read_tun(FastPathObject *fp, int *err)
 {
     uint8_t *buf = fp->tun_buf + HEADROOM;
+    bool any = false;
     for (int i = 0; i < BATCH; i++) {
         ssize_t n = read(fp->tun_fd, buf, TUN_READ);
         if (n < 0) {
             if (errno == EINTR)
                 continue;
-            return errno == EAGAIN || errno == EWOULDBLOCK;
+            if (errno == EAGAIN || errno == EWOULDBLOCK)
+                return any ? READ_OK : READ_EMPTY;
+            if (errno == ENOMEM || errno == ENOBUFS)
+                return READ_REST;
+            *err = errno; /* EBADFD: the device is gone; EIO, EFAULT, EINVAL: nothing better */
+            return READ_FATAL;
         }
-        if (n == 0)
-            return false; /* a TUN device never reads empty: the fd is not what it was */
+        if (n == 0) { /* a TUN device never reads empty: end of file, the fd is not a TUN's */
+            *err = 0;
+            return READ_FATAL;
+        }
+        any = true;
         count(fp, C_TUN_READS);
         /* In order: while earlier reads wait for Python, later ones follow them. */
         if (atomic_load(&fp->tun_waiting) != 0 || atomic_load(&fp->tun_held)
@@ -973,12 +1011,12 @@ read_tun(FastPathObject *fp)
         if (!fp->tun_nonblock || atomic_load(&fp->paused))
             break;
     }
-    return true;
+    return READ_OK;
 }
 
-/* Drain the socket; false if the fd failed (then it rests RETRY_MS). */
-static bool
-read_udp(FastPathObject *fp)
+/* Drain the socket (READ_FATAL sets *err). */
+static int
+read_udp(FastPathObject *fp, int *err)
 {
     for (int i = 0; i < BATCH; i++) {
         struct sockaddr_storage from;
@@ -994,9 +1032,13 @@ read_udp(FastPathObject *fp)
         ssize_t n = recvmsg(fp->udp_fd, &msg, MSG_DONTWAIT);
         if (n < 0) {
             if (errno == EAGAIN || errno == EWOULDBLOCK)
-                return true;
-            if (errno == EBADF || errno == ENOTSOCK || errno == EINVAL || errno == EFAULT)
-                return false;
+                return READ_OK;
+            if (errno == ENOMEM || errno == ENOBUFS)
+                return READ_REST;
+            if (errno == EBADF || errno == ENOTSOCK || errno == EINVAL || errno == EFAULT) {
+                *err = errno;
+                return READ_FATAL;
+            }
             continue; /* EINTR, or an ICMP error reported on the socket: read on */
         }
         count(fp, C_UDP_READS);
@@ -1015,14 +1057,46 @@ read_udp(FastPathObject *fp)
         if (atomic_load(&fp->paused))
             break;
     }
-    return true;
+    return READ_OK;
+}
+
+/* POLLERR on the socket: a pending error is returned (and cleared) by the next recvmsg; an
+ * error queue (IP_RECVERR, which meshd does not set) is emptied here, or poll would report it
+ * for ever. */
+static void
+drop_error_queue(FastPathObject *fp)
+{
+    for (int i = 0; i < BATCH; i++) {
+        char data[64], control[512];
+        struct iovec iov = {.iov_base = data, .iov_len = sizeof data};
+        struct msghdr msg = {.msg_iov = &iov, .msg_iovlen = 1, .msg_control = control,
+                             .msg_controllen = sizeof control};
+        if (recvmsg(fp->udp_fd, &msg, MSG_ERRQUEUE | MSG_DONTWAIT) < 0 && errno != EINTR)
+            return;
+    }
+}
+
+/* The thread cannot go on. Its last act (after its last hand-off): record why, wake Python. */
+static void
+thread_failed(FastPathObject *fp, int err, const char *where)
+{
+    fp->error_where = where;
+    atomic_store(&fp->error_errno, err > 0 ? err : EIO);
+    signal_fd(fp->notify_fd);
+}
+
+static void
+rest(void)
+{
+    struct timespec ts = {0, RETRY_MS * 1000000L};
+    nanosleep(&ts, NULL);
 }
 
 static void *
 fastpath_run(void *arg)
 {
     FastPathObject *fp = arg;
-    double tun_rest = 0, udp_rest = 0; /* an fd that failed is not polled before this */
+    double tun_rest = 0, udp_rest = 0; /* an fd short of memory is not polled before this */
     while (!atomic_load(&fp->stop)) {
         struct pollfd fds[3];
         nfds_t nfds = 0;
@@ -1039,26 +1113,75 @@ fastpath_run(void *arg)
             }
             if (now >= udp_rest) {
                 udp_at = (int)nfds;
-                fds[nfds++] = (struct pollfd){.fd = fp->udp_fd, .events = POLLIN};
+                /* POLLRDHUP: shut down for reading, recvmsg would return 0 bytes for ever */
+                fds[nfds++] = (struct pollfd){.fd = fp->udp_fd, .events = POLLIN | POLLRDHUP};
             }
             else {
                 timeout = RETRY_MS;
             }
         }
         int ready = poll(fds, nfds, timeout);
+        if (atomic_load_explicit(&fp->inject_errno, memory_order_relaxed)) {
+            int injected = atomic_exchange(&fp->inject_errno, 0);
+            if (injected) { /* _fail_for_test: as if poll had failed with it */
+                ready = -1;
+                errno = injected;
+            }
+        }
         if (ready < 0) {
-            if (errno == EINTR || errno == EAGAIN || errno == ENOMEM)
+            int e = errno;
+            if (e == EINTR)
                 continue;
-            break;
+            if (e == EAGAIN || e == ENOMEM) {
+                rest();
+                continue;
+            }
+            thread_failed(fp, e, "poll");
+            return NULL;
         }
         if (fds[0].revents)
             clear_fd(fp->wake_fd);
         if (atomic_load(&fp->stop))
             break;
-        if (tun_at >= 0 && fds[tun_at].revents && !read_tun(fp))
-            tun_rest = monotonic_now() + RETRY_MS / 1000.0;
-        if (udp_at >= 0 && fds[udp_at].revents && !read_udp(fp))
-            udp_rest = monotonic_now() + RETRY_MS / 1000.0;
+        int err = 0;
+        short revents = tun_at >= 0 ? fds[tun_at].revents : 0;
+        if (revents & POLLNVAL) {
+            thread_failed(fp, EBADF, "mesh0 poll");
+            return NULL;
+        }
+        if (revents) {
+            bool broken = revents & (POLLERR | POLLHUP);
+            /* A blocking fd with an error and nothing to read would block the read. */
+            int r = broken && !(revents & POLLIN) && !fp->tun_nonblock ? READ_EMPTY
+                                                                        : read_tun(fp, &err);
+            if (r == READ_FATAL) {
+                thread_failed(fp, err ? err : EIO,
+                              err ? "mesh0 read" : "mesh0 read (end of file)");
+                return NULL;
+            }
+            if (r == READ_EMPTY && broken) { /* an error no read reports: poll would spin */
+                thread_failed(fp, EIO, "mesh0 poll (error or hang-up)");
+                return NULL;
+            }
+            if (r == READ_REST)
+                tun_rest = monotonic_now() + RETRY_MS / 1000.0;
+        }
+        revents = udp_at >= 0 ? fds[udp_at].revents : 0;
+        if (revents & (POLLNVAL | POLLHUP | POLLRDHUP)) {
+            thread_failed(fp, revents & POLLNVAL ? EBADF : ESHUTDOWN, "socket poll");
+            return NULL;
+        }
+        if (revents) {
+            int r = read_udp(fp, &err);
+            if (r == READ_FATAL) {
+                thread_failed(fp, err, "socket read");
+                return NULL;
+            }
+            if (r == READ_REST)
+                udp_rest = monotonic_now() + RETRY_MS / 1000.0;
+            if (revents & POLLERR)
+                drop_error_queue(fp);
+        }
     }
     return NULL;
 }
@@ -1118,9 +1241,7 @@ FastPath_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     FastPathObject *fp = (FastPathObject *)type->tp_alloc(type, 0);
     if (fp == NULL)
         return NULL;
-    fp->notify_fd = fp->wake_fd = -1;
-    fp->udp_fd = udp_fd;
-    fp->tun_fd = tun_fd;
+    fp->notify_fd = fp->wake_fd = fp->udp_fd = fp->tun_fd = -1;
     fp->udp_family = family;
     fp->frames = frames;
     fp->check_source = check_source;
@@ -1132,6 +1253,8 @@ FastPath_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     atomic_init(&fp->udp_waiting, 0);
     atomic_init(&fp->tun_held, false);
     atomic_init(&fp->udp_held, false);
+    atomic_init(&fp->error_errno, 0);
+    atomic_init(&fp->inject_errno, 0);
     for (int i = 0; i < N_COUNTS; i++)
         atomic_init(&fp->counts[i], 0);
     if (pthread_mutex_init(&fp->peers_lock, NULL) != 0) {
@@ -1144,9 +1267,16 @@ FastPath_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
         return PyErr_NoMemory();
     }
     fp->locks_ready = true;
-    fp->notify_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
-    fp->wake_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
-    if (fp->notify_fd < 0 || fp->wake_fd < 0) {
+    /* Our own descriptions of the caller's files: closing or reusing its numbers (the owner
+     * of the socket, a test) cannot hand the thread another file. */
+    fp->udp_fd = fcntl(udp_fd, F_DUPFD_CLOEXEC, 0);
+    if (fp->udp_fd >= 0)
+        fp->tun_fd = fcntl(tun_fd, F_DUPFD_CLOEXEC, 0);
+    if (fp->tun_fd >= 0)
+        fp->notify_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+    if (fp->notify_fd >= 0)
+        fp->wake_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+    if (fp->wake_fd < 0) {
         PyErr_SetFromErrno(PyExc_OSError);
         Py_DECREF(fp);
         return NULL;
@@ -1197,7 +1327,7 @@ free_entries(Entry *e)
 }
 
 /* Stop and join the thread, free the queue and every peer's keys (a peer with stats not yet
- * taken stays as a removed entry), close the eventfds. Idempotent. */
+ * taken stays as a removed entry), close the eventfds and our dups of the fds. Idempotent. */
 static void
 fastpath_close(FastPathObject *fp)
 {
@@ -1232,7 +1362,7 @@ fastpath_close(FastPathObject *fp)
             Peer *p = fp->peers[i];
             keys_release(&p->k);
             p->active = false;
-            if (p->tx_packets || p->rx_packets)
+            if (p->tx_packets || p->rx_packets || p->auth_failed)
                 fp->peers[kept++] = p;
             else
                 free(p);
@@ -1240,11 +1370,11 @@ fastpath_close(FastPathObject *fp)
         fp->npeers = kept;
         pthread_mutex_unlock(&fp->peers_lock);
     }
-    if (fp->notify_fd >= 0)
-        close(fp->notify_fd);
-    if (fp->wake_fd >= 0)
-        close(fp->wake_fd);
-    fp->notify_fd = fp->wake_fd = -1;
+    int fds[] = {fp->notify_fd, fp->wake_fd, fp->udp_fd, fp->tun_fd};
+    for (size_t i = 0; i < sizeof fds / sizeof fds[0]; i++)
+        if (fds[i] >= 0)
+            close(fds[i]);
+    fp->notify_fd = fp->wake_fd = fp->udp_fd = fp->tun_fd = -1;
     free(fp->tun_buf);
     free(fp->udp_buf);
     free(fp->rx_buf);
@@ -1280,20 +1410,24 @@ FastPath_fileno(FastPathObject *fp, PyObject *unused)
     return PyLong_FromLong(fp->notify_fd);
 }
 
+/* A source address as Python's socket module gives it for the family: (host, port) for
+ * AF_INET, (host, port, flowinfo, scope_id) for AF_INET6 (host without a %scope suffix, as
+ * since Python 3.7), so a hand-off carries what recvmsg would have. */
 static PyObject *
 address_tuple(const struct sockaddr_storage *a, socklen_t len)
 {
     char host[INET6_ADDRSTRLEN] = "";
+    if (a->ss_family == AF_INET6 && len >= (socklen_t)sizeof(struct sockaddr_in6)) {
+        const struct sockaddr_in6 *in6 = (const struct sockaddr_in6 *)a;
+        inet_ntop(AF_INET6, &in6->sin6_addr, host, sizeof host);
+        return Py_BuildValue("(sIII)", host, (unsigned)ntohs(in6->sin6_port),
+                             (unsigned)ntohl(in6->sin6_flowinfo), (unsigned)in6->sin6_scope_id);
+    }
     unsigned port = 0;
     if (a->ss_family == AF_INET && len >= (socklen_t)sizeof(struct sockaddr_in)) {
         const struct sockaddr_in *in = (const struct sockaddr_in *)a;
         inet_ntop(AF_INET, &in->sin_addr, host, sizeof host);
         port = ntohs(in->sin_port);
-    }
-    else if (a->ss_family == AF_INET6 && len >= (socklen_t)sizeof(struct sockaddr_in6)) {
-        const struct sockaddr_in6 *in6 = (const struct sockaddr_in6 *)a;
-        inet_ntop(AF_INET6, &in6->sin6_addr, host, sizeof host);
-        port = ntohs(in6->sin6_port);
     }
     return Py_BuildValue("(sI)", host, port);
 }
@@ -1317,6 +1451,11 @@ FastPath_drain(FastPathObject *fp, PyObject *unused)
             atomic_store(&fp->tun_waiting, 0);
             atomic_store(&fp->udp_waiting, 0);
             clear_fd(fp->notify_fd);
+            /* A thread that stopped keeps the eventfd readable: the clear above may have eaten
+             * its signal after the caller looked at `error`, and what it queued since is
+             * drained only on the next call. */
+            if (atomic_load(&fp->error_errno))
+                signal_fd(fp->notify_fd);
             if (atomic_load(&fp->paused)) {
                 atomic_store(&fp->paused, false);
                 signal_fd(fp->wake_fd);
@@ -1358,8 +1497,18 @@ FastPath_drain(FastPathObject *fp, PyObject *unused)
 static int
 endpoint_arg(FastPathObject *fp, PyObject *obj, struct sockaddr_storage *out, socklen_t *len)
 {
-    if (!PyTuple_Check(obj) || PyTuple_GET_SIZE(obj) != 2) {
-        PyErr_SetString(PyExc_TypeError, "endpoint must be None or a (host, port) tuple");
+    Py_ssize_t size = PyTuple_Check(obj) ? PyTuple_GET_SIZE(obj) : 0;
+    if (size != 2 && size != 4) {
+        PyErr_SetString(PyExc_TypeError, "endpoint must be None, (host, port) or "
+                        "(host, port, flowinfo, scope_id)");
+        return -1;
+    }
+    uint64_t flowinfo = 0, scope_id = 0;
+    if (size == 4 && (u64_arg(PyTuple_GET_ITEM(obj, 2), "endpoint flowinfo", &flowinfo) < 0
+                      || u64_arg(PyTuple_GET_ITEM(obj, 3), "endpoint scope_id", &scope_id) < 0))
+        return -1;
+    if (flowinfo > 0xFFFFF || scope_id > UINT32_MAX) { /* RFC 6437: a 20-bit flow label */
+        PyErr_SetString(PyExc_ValueError, "endpoint flowinfo or scope_id out of range");
         return -1;
     }
     PyObject *host_obj = PyTuple_GET_ITEM(obj, 0);
@@ -1406,6 +1555,8 @@ endpoint_arg(FastPathObject *fp, PyObject *obj, struct sockaddr_storage *out, so
     struct sockaddr_in6 *in6 = (struct sockaddr_in6 *)out;
     in6->sin6_family = AF_INET6;
     in6->sin6_port = htons((uint16_t)port);
+    in6->sin6_flowinfo = htonl((uint32_t)flowinfo);
+    in6->sin6_scope_id = (uint32_t)scope_id;
     in6->sin6_addr = v6;
     *len = sizeof *in6;
     return 0;
@@ -1431,15 +1582,16 @@ FastPath_set_peer(FastPathObject *fp, PyObject *args, PyObject *kwds)
 {
     static char *kwlist[] = {"key", "overlay", "remote_index", "send_key", "counter",
                              "send_limit", "send_fragments", "local_index", "receive_key",
-                             "replay", "endpoint", "until", NULL};
+                             "replay", "endpoint", "send_until", "receive_until", NULL};
     enum { OVERLAY, REMOTE_INDEX, SEND_KEY, COUNTER, SEND_LIMIT, SEND_FRAGMENTS, LOCAL_INDEX,
-           RECEIVE_KEY, REPLAY, ENDPOINT, UNTIL, N_ARGS };
+           RECEIVE_KEY, REPLAY, ENDPOINT, SEND_UNTIL, RECEIVE_UNTIL, N_ARGS };
     PyObject *a[N_ARGS] = {NULL};
     long long key;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "L|$OOOOOOOOOOO:set_peer", kwlist, &key,
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "L|$OOOOOOOOOOOO:set_peer", kwlist, &key,
                                      &a[OVERLAY], &a[REMOTE_INDEX], &a[SEND_KEY], &a[COUNTER],
                                      &a[SEND_LIMIT], &a[SEND_FRAGMENTS], &a[LOCAL_INDEX],
-                                     &a[RECEIVE_KEY], &a[REPLAY], &a[ENDPOINT], &a[UNTIL]))
+                                     &a[RECEIVE_KEY], &a[REPLAY], &a[ENDPOINT], &a[SEND_UNTIL],
+                                     &a[RECEIVE_UNTIL]))
         return NULL;
     for (int i = 0; i < N_ARGS; i++)
         if (a[i] == NULL)
@@ -1473,8 +1625,11 @@ FastPath_set_peer(FastPathObject *fp, PyObject *args, PyObject *kwds)
     if (!PyObject_TypeCheck(a[REPLAY], &ReplayType))
         return PyErr_Format(PyExc_TypeError, "replay must be a ReplayWindow, not %s",
                             Py_TYPE(a[REPLAY])->tp_name);
-    np.until = PyFloat_AsDouble(a[UNTIL]);
-    if (np.until == -1.0 && PyErr_Occurred())
+    np.send_until = PyFloat_AsDouble(a[SEND_UNTIL]);
+    if (np.send_until == -1.0 && PyErr_Occurred())
+        return NULL;
+    np.receive_until = PyFloat_AsDouble(a[RECEIVE_UNTIL]);
+    if (np.receive_until == -1.0 && PyErr_Occurred())
         return NULL;
     if (a[ENDPOINT] != Py_None) {
         if (endpoint_arg(fp, a[ENDPOINT], &np.endpoint, &np.endpoint_len) < 0)
@@ -1513,6 +1668,7 @@ FastPath_set_peer(FastPathObject *fp, PyObject *args, PyObject *kwds)
         old = existing->k;
         np.tx_packets = existing->tx_packets;
         np.tx_bytes = existing->tx_bytes;
+        np.auth_failed = existing->auth_failed;
         np.last_tx = existing->last_tx;
         np.rx_packets = existing->rx_packets;
         np.rx_bytes = existing->rx_bytes;
@@ -1563,7 +1719,7 @@ FastPath_remove_peer(FastPathObject *fp, PyObject *arg)
         old = p->k;
         memset(&p->k, 0, sizeof p->k);
         p->active = false;
-        if (!p->tx_packets && !p->rx_packets) {
+        if (!p->tx_packets && !p->rx_packets && !p->auth_failed) {
             fp->peers[i] = fp->peers[--fp->npeers];
             free(p);
         }
@@ -1576,7 +1732,7 @@ FastPath_remove_peer(FastPathObject *fp, PyObject *arg)
 
 typedef struct {
     long long key;
-    uint64_t tx_packets, tx_bytes, rx_packets, rx_bytes;
+    uint64_t tx_packets, tx_bytes, rx_packets, rx_bytes, auth_failed;
     double last_tx, last_rx;
 } Stats;
 
@@ -1595,10 +1751,10 @@ FastPath_take_stats(FastPathObject *fp, PyObject *unused)
     }
     for (size_t i = 0; i < fp->npeers;) {
         Peer *p = fp->peers[i];
-        if (p->tx_packets || p->rx_packets) {
+        if (p->tx_packets || p->rx_packets || p->auth_failed) {
             stats[n++] = (Stats){p->key, p->tx_packets, p->tx_bytes, p->rx_packets,
-                                 p->rx_bytes, p->last_tx, p->last_rx};
-            p->tx_packets = p->tx_bytes = p->rx_packets = p->rx_bytes = 0;
+                                 p->rx_bytes, p->auth_failed, p->last_tx, p->last_rx};
+            p->tx_packets = p->tx_bytes = p->rx_packets = p->rx_bytes = p->auth_failed = 0;
             p->last_tx = p->last_rx = 0.0;
         }
         if (!p->active) { /* removed: its last stats are taken */
@@ -1614,10 +1770,11 @@ FastPath_take_stats(FastPathObject *fp, PyObject *unused)
     for (size_t i = 0; result != NULL && i < n; i++) {
         Stats *s = &stats[i];
         PyObject *key = PyLong_FromLongLong(s->key);
-        PyObject *value = Py_BuildValue("(KKdKKd)", (unsigned long long)s->tx_packets,
+        PyObject *value = Py_BuildValue("(KKdKKdK)", (unsigned long long)s->tx_packets,
                                         (unsigned long long)s->tx_bytes, s->last_tx,
                                         (unsigned long long)s->rx_packets,
-                                        (unsigned long long)s->rx_bytes, s->last_rx);
+                                        (unsigned long long)s->rx_bytes, s->last_rx,
+                                        (unsigned long long)s->auth_failed);
         if (key == NULL || value == NULL || PyDict_SetItem(result, key, value) < 0)
             Py_CLEAR(result);
         Py_XDECREF(key);
@@ -1651,6 +1808,44 @@ FastPath_release(FastPathObject *fp, PyObject *unused)
     Py_RETURN_NONE;
 }
 
+/* Why the thread stopped on its own: an OSError (errno, "where: strerror"), or None. */
+static PyObject *
+FastPath_error(FastPathObject *fp, void *closure)
+{
+    int err = atomic_load(&fp->error_errno);
+    if (err == 0)
+        Py_RETURN_NONE;
+    PyObject *message = PyUnicode_FromFormat("fast path thread stopped: %s: %s",
+                                             fp->error_where, strerror(err));
+    if (message == NULL)
+        return NULL;
+    PyObject *exc = PyObject_CallFunction(PyExc_OSError, "iN", err, message);
+    return exc;
+}
+
+/* Test only: the thread's next poll() fails with `errno` (a fatal one stops the thread as a
+ * real failure would; EINTR is retried). */
+static PyObject *
+FastPath_fail_for_test(FastPathObject *fp, PyObject *arg)
+{
+    long err = PyLong_AsLong(arg);
+    if (err == -1 && PyErr_Occurred())
+        return NULL;
+    if (err <= 0 || err > 4095)
+        return PyErr_Format(PyExc_ValueError, "errno out of range (1..4095): %ld", err);
+    if (fp->closed)
+        return PyErr_Format(PyExc_ValueError, "FastPath is closed");
+    atomic_store(&fp->inject_errno, (int)err);
+    signal_fd(fp->wake_fd);
+    Py_RETURN_NONE;
+}
+
+static PyGetSetDef FastPath_getset[] = {
+    {"error", (getter)FastPath_error, NULL,
+     "Why the thread stopped on its own (OSError); None if it did not.", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
 static PyMethodDef FastPath_methods[] = {
     {"start", (PyCFunction)FastPath_start, METH_NOARGS, "Start the thread (once)."},
     {"close", (PyCFunction)FastPath_close, METH_NOARGS,
@@ -1658,7 +1853,7 @@ static PyMethodDef FastPath_methods[] = {
     {"fileno", (PyCFunction)FastPath_fileno, METH_NOARGS,
      "An eventfd, readable while handed-off reads wait."},
     {"drain", (PyCFunction)FastPath_drain, METH_NOARGS,
-     "Everything waiting: (TUN reads, socket reads as (data, gro_segment or 0, (ip, port))).\n"
+     "Everything waiting: (TUN reads, socket reads as (data, gro_segment or 0, source)).\n"
      "Until release(), later reads of a kind drained go to Python too (order)."},
     {"release", (PyCFunction)FastPath_release, METH_NOARGS,
      "Python sent/wrote what drain() gave it: native handling may resume."},
@@ -1670,6 +1865,8 @@ static PyMethodDef FastPath_methods[] = {
      "Per peer with activity since the last call: (tx_packets, tx_bytes, last_tx, rx_packets,"
      " rx_bytes, last_rx)."},
     {"counters", (PyCFunction)FastPath_counters, METH_NOARGS, "Cumulative counters."},
+    {"_fail_for_test", (PyCFunction)FastPath_fail_for_test, METH_O,
+     "Test only: the thread's next poll() fails with this errno (fatal ones stop it)."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -1683,6 +1880,7 @@ static PyTypeObject FastPathType = {
     .tp_new = FastPath_new,
     .tp_dealloc = (destructor)FastPath_dealloc,
     .tp_methods = FastPath_methods,
+    .tp_getset = FastPath_getset,
 };
 
 /* ---------------------------------------------------------------------------------------------

@@ -6,7 +6,11 @@ libcrypto) runs a thread that owns the reads of mesh0 and the tunnel socket. It 
 opens lone data packets under a peer's current keys on a direct path without entering Python;
 everything else (handshakes, STUN, TURN, coalesced reads, bulk offload frames, other keys,
 anything it does not like) is handed to the asyncio adapter unchanged through a queue and an
-eventfd, and the sans-I/O core handles it as before.
+eventfd, and the sans-I/O core handles it as before. Two things it settles itself: a datagram
+under a route's keys that fails authentication is dropped and counted (`FastStats.auth_failed`,
+which the core adds to its `auth-failed` rejections), and a replay that lost the race to Python.
+If the thread stops on an error it cannot get past, the adapter drains what it queued and reads
+the socket and mesh0 itself again.
 
 The two sides share each keypair's send `Counter` (a nonce is never used twice) and its
 `ReplayWindow` (`mark` is one atomic check-and-set, so a datagram is delivered once whichever
@@ -118,12 +122,16 @@ class FastRoute:
     replay: Replay
     endpoint: Address | None
     """Where datagrams go (a direct path from the tunnel socket); None: receive only."""
-    until: float
-    """Caller's clock: from here on Python does everything for this peer (rekey, expiry)."""
+    send_until: float
+    """Caller's clock: from here on Python sends for this peer (the initiator's rekey on send,
+    expiry)."""
+    receive_until: float
+    """Caller's clock: from here on Python opens what the peer sends under these keys (the
+    initiator's rekey on receive, expiry)."""
 
     def same_keys(self, other: FastRoute) -> bool:
-        """The same keypair and endpoint (only `until` may differ, which moves with nothing
-        but the keys)."""
+        """The same keypair and endpoint (only the deadlines may differ, which move with
+        nothing but the keys)."""
         return (self.local_index == other.local_index and self.counter is other.counter
                 and self.endpoint == other.endpoint
                 and self.send_fragments == other.send_fragments)
@@ -139,3 +147,6 @@ class FastStats:
     rx_packets: int
     rx_bytes: int
     last_rx: float | None
+    auth_failed: int = 0
+    """Datagrams under the route's receiver index that failed authentication: the thread
+    dropped them (Python would have rejected them as `auth-failed`)."""

@@ -115,6 +115,7 @@ from meshd.tunnel.session import (
     HandshakeComplete,
     HandshakeFailed,
     Rejected,
+    RejectReason,
     TunnelConfig,
 )
 from meshd.tunnel.wire import (
@@ -963,7 +964,13 @@ class MeshNode:
     def fast_stats(self, name: str, stats: FastStats) -> None:
         """What the fast path carried for `name` since its last report: counted as if
         `send_packets`/`receive_reads` had moved it (session counters and keepalive timers,
-        consent checks on the direct path, direct byte metrics)."""
+        consent checks on the direct path, direct byte metrics), and the forged datagrams it
+        dropped as `rejected["auth-failed"]`, the figure the Python path keeps for them."""
+        if stats.auth_failed:
+            rejected, reason = self.metrics.rejected, RejectReason.AUTH_FAILED.value
+            rejected[reason] = rejected.get(reason, 0) + stats.auth_failed
+            event(log, logging.DEBUG, "tunnel.rejected", node=self.node, peer=name,
+                  reason="auth-failed", count=stats.auth_failed, by="fast path")
         peer = self._peers.get(name)
         session = self.endpoint.session(name) if self.endpoint is not None else None
         if peer is None or session is None:

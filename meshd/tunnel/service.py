@@ -209,7 +209,8 @@ class TunnelService:
     """A `MeshNode` on real sockets."""
 
     def __init__(self, node: MeshNode, sock: socket.socket, connector: ControlConnector,
-                 settings: TunnelSettings) -> None:
+                 settings: TunnelSettings, *,
+                 open_tun: Callable[..., TunDevice] = TunDevice.open) -> None:
         self.node = node
         """The core."""
         self.settings = settings
@@ -251,10 +252,16 @@ class TunnelService:
         self._fast_keys: dict[str, int] = {}
         self._fast_names: dict[int, str] = {}
         self._fast_tick: asyncio.TimerHandle | None = None
+        self.fast_path_error: str | None = None
+        """Why the fast path did not start or stopped (Python reads everything then)."""
+        self._open_tun_device = open_tun
 
     @classmethod
-    async def start(cls, settings: TunnelSettings) -> TunnelService:
-        """Open the socket and dial the control channel (mesh0 follows the welcome)."""
+    async def start(cls, settings: TunnelSettings, *,
+                    open_tun: Callable[..., TunDevice] = TunDevice.open) -> TunnelService:
+        """Open the socket and dial the control channel (mesh0 follows the welcome).
+        `open_tun`: how mesh0 is opened (`TunDevice.open`'s signature; tests pass a device
+        on a socketpair)."""
         cert, key, ca = node_material(settings.kubeconfig)
         try:
             tls = agent_tls_context(kubeconfig=settings.kubeconfig)
@@ -305,7 +312,7 @@ class TunnelService:
         holder: list[TunnelService] = []
         connector = ControlConnector(client, settings.server_host, settings.control_port, tls,
                                      on_event=lambda ev: holder[0]._control(ev))
-        service = cls(node, sock, connector, settings)
+        service = cls(node, sock, connector, settings, open_tun=open_tun)
         holder.append(service)
         loop.add_reader(sock.fileno(), service._on_socket)
         connector.start()
@@ -341,10 +348,10 @@ class TunnelService:
         assert overlay is not None
         try:
             part = self.node.config.tunnel.fragment_part
-            self.tun = TunDevice.open(self.settings.interface, str(overlay.ip),
-                                      overlay.network.prefixlen, self.settings.mtu,
-                                      offload=self.settings.offload,
-                                      gso_max_size=whole_message_packet(GSO_MAX_BYTES, part))
+            self.tun = self._open_tun_device(
+                self.settings.interface, str(overlay.ip), overlay.network.prefixlen,
+                self.settings.mtu, offload=self.settings.offload,
+                gso_max_size=whole_message_packet(GSO_MAX_BYTES, part))
         except Exception as exc:
             event(log, logging.ERROR, "tunnel.tun_failed", interface=self.settings.interface,
                   error=exc)
@@ -366,13 +373,18 @@ class TunnelService:
         """From here on the native thread reads mesh0 and the tunnel socket; what it does not
         carry itself comes to `_on_handoff`."""
         config = self.node.config.tunnel
+        fast = None
         try:
             fast = fastpath.NATIVE.FastPath(
                 self._sock.fileno(), tun.fd, frames=tun.offload,
                 check_source=config.check_inner_source, fragment_part=config.fragment_part)
             fast.start()
         except (OSError, RuntimeError, ValueError) as exc:  # no thread: Python reads as before
-            event(log, logging.ERROR, "tunnel.fast_path_failed", error=exc)
+            if fast is not None:
+                fast.close()
+            self.fast_path_error = str(exc)
+            event(log, logging.ERROR, "tunnel.fast_path_failed", node=self.node.node, error=exc,
+                  fallback="python")
             self._loop.add_reader(tun.fd, self._on_tun)
             return
         # The thread reads the socket from now on (datagrams waiting in it are its too).
@@ -387,6 +399,15 @@ class TunnelService:
         fast, tun = self.fast, self.tun
         if fast is None or tun is None:
             return
+        # Read before draining: the thread records a failure after its last hand-off.
+        failed: OSError | None = fast.error
+        try:
+            self._handoff(fast, tun)
+        finally:
+            if failed is not None:
+                self._fast_failed(failed)
+
+    def _handoff(self, fast: Any, tun: TunDevice) -> None:
         packets, reads = fast.drain()
         try:
             now = self._loop.time()
@@ -403,6 +424,30 @@ class TunnelService:
                 self._after_data()
         finally:
             fast.release()  # sent and written: later packets may go natively again
+
+    def _fast_failed(self, error: OSError) -> None:
+        """The thread stopped on an error it could not get past, after handing over what it
+        had read (drained by now): fold in its last stats, and read the socket and mesh0 in
+        Python from here on, as without the extension."""
+        fast = self.fast
+        if fast is None:
+            return
+        self._loop.remove_reader(fast.fileno())
+        if self._fast_tick is not None:
+            self._fast_tick.cancel()
+            self._fast_tick = None
+        fast.close()  # joins the thread (it has returned)
+        self._fast_stats(self._loop.time())
+        self.fast = None
+        self._fast_routes.clear()
+        self.fast_path_error = str(error)
+        event(log, logging.ERROR, "tunnel.fast_path_failed", node=self.node.node, error=error,
+              fallback="python")
+        if not self._closed:
+            self._loop.add_reader(self._sock.fileno(), self._on_socket)
+            if self.tun is not None:
+                self._loop.add_reader(self.tun.fd, self._on_tun)
+            self._flush()
 
     def _on_fast_tick(self) -> None:
         """Fold the fast path's traffic into the core at least every FAST_SYNC_S (consent
@@ -425,13 +470,14 @@ class TunnelService:
         if not stats:
             return False
         offset = now - time.monotonic()  # the thread's clock is time.monotonic()
-        for key, (tx_packets, tx_bytes, last_tx, rx_packets, rx_bytes, last_rx) in stats.items():
+        for key, (tx_packets, tx_bytes, last_tx, rx_packets, rx_bytes, last_rx,
+                  auth_failed) in stats.items():
             name = self._fast_names.get(key)
             if name is None:
                 continue
             self.node.fast_stats(name, FastStats(
                 tx_packets, tx_bytes, last_tx + offset if last_tx else None,
-                rx_packets, rx_bytes, last_rx + offset if last_rx else None))
+                rx_packets, rx_bytes, last_rx + offset if last_rx else None, auth_failed))
         return True
 
     def _fast_sync(self, now: float) -> None:
@@ -460,8 +506,10 @@ class TunnelService:
                     send_key=route.send_key, counter=route.counter,
                     send_limit=route.send_limit, send_fragments=route.send_fragments,
                     local_index=route.local_index, receive_key=route.receive_key,
-                    replay=route.replay, endpoint=route.endpoint, until=route.until + offset)
-            except (ValueError, TypeError, MemoryError) as exc:  # the peer stays Python's
+                    replay=route.replay, endpoint=route.endpoint,
+                    send_until=route.send_until + offset,
+                    receive_until=route.receive_until + offset)
+            except (ValueError, TypeError, MemoryError, RuntimeError) as exc:  # Python's peer
                 event(log, logging.WARNING, "tunnel.fast_route_refused", peer=name, error=exc)
                 if old is not None:
                     fast.remove_peer(key)
@@ -729,11 +777,13 @@ class TunnelService:
             "relayed": (f"{node.relayed_address[0]}:{node.relayed_address[1]}"
                         if node.relayed_address else None),
             "control": node.control.state.value,
+            "controlError": node.control.last_error,
             "nat": _nat_doc(node.control.effective_nat),
             "natSource": node.control.nat_source,
             "natProbe": self.nat_probe is not None,
             "guessPool": len(self._pool),
             "fastPath": self._fast_status(),
+            "fastPathError": self.fast_path_error,
             "peers": [p.as_dict() for p in node.peer_status()],
         }
 
@@ -805,6 +855,9 @@ class TunnelService:
                 ("meshd_tunnel_fastpath_peers", {}, sum(
                     1 for r in self._fast_routes.values() if r.endpoint is not None)),
             ]
+        if self.fast is not None or self.fast_path_error is not None:
+            # 1: it did not start, or stopped on an error (Python carries everything).
+            out.append(("meshd_tunnel_fastpath_failed", {}, int(self.fast is None)))
         for p in self.node.peer_status():
             out.append(("meshd_tunnel_peer_path", {"peer": p.node, "path": p.path}, 1))
             if p.guessed:

@@ -1328,18 +1328,28 @@ class TunnelSession:
         if kp is None or kp.source_version != 4 or now >= kp.reject_at:
             return None
         config = self.config
-        # The initiator rekeys on send from rekey_at (and on receive a little later); the
-        # responder never rekeys on time: its keys serve until they expire.
-        until = kp.rekey_at if kp.initiator else kp.reject_at
+        # The initiator rekeys on send from rekey_at (`_maybe_rekey`) and on receive from the
+        # later of rekey_at and reject_at - margin (`_after_receive`); the responder never
+        # rekeys on time: its keys serve until they expire.
+        if kp.initiator:
+            send_until = kp.rekey_at
+            receive_until = max(kp.rekey_at, kp.reject_at - self._receive_rekey_margin)
+        else:
+            send_until = receive_until = kp.reject_at
         return FastRoute(
             overlay=kp.source, remote_index=kp.remote_index, send_key=kp.send_key,
             counter=kp.counter,
             send_limit=min(config.rekey_after_messages, config.reject_after_messages),
             send_fragments=kp.fragments, local_index=kp.local_index,
-            receive_key=kp.receive_key, replay=kp.replay, endpoint=endpoint, until=until)
+            receive_key=kp.receive_key, replay=kp.replay, endpoint=endpoint,
+            send_until=send_until, receive_until=receive_until)
 
     def fast_account(self, stats: FastStats) -> None:
-        """Count what the fast path carried for this session (keepalive timers see it)."""
+        """Count what the fast path carried for this session (keepalive timers see it) and
+        what it dropped as forged (`auth-failed`, as `receive` would have counted it)."""
+        if stats.auth_failed:
+            reason = RejectReason.AUTH_FAILED
+            self._rejected[reason] = self._rejected.get(reason, 0) + stats.auth_failed
         counts = self._counts
         counts["packets_sent"] += stats.tx_packets
         counts["bytes_sent"] += stats.tx_bytes

@@ -9,6 +9,8 @@ wire or takes from it is checked against an independent implementation. No root 
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import random
 import select
 import socket
@@ -18,6 +20,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
@@ -88,6 +91,7 @@ class Rig:
     fragment_part: int = FRAGMENT_PART
     queue_bytes: int = 8 << 20
     seed: int = 1
+    family: int = socket.AF_INET
     sock: socket.socket = field(init=False)
     peer: socket.socket = field(init=False)
     kernel: socket.socket = field(init=False)
@@ -101,11 +105,12 @@ class Rig:
     def __post_init__(self) -> None:
         rng = random.Random(self.seed)
         self.send_key, self.receive_key = rng.randbytes(32), rng.randbytes(32)
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.sock.bind((LOOPBACK, 0))
+        host = LOOPBACK if self.family == socket.AF_INET else "::1"
+        self.sock = socket.socket(self.family, socket.SOCK_DGRAM)
+        self.sock.bind((host, 0))
         self.sock.setblocking(False)
-        self.peer = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.peer.bind((LOOPBACK, 0))
+        self.peer = socket.socket(self.family, socket.SOCK_DGRAM)
+        self.peer.bind((host, 0))
         self.peer.settimeout(TIMEOUT)
         self.kernel, self.tun = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
         self.kernel.settimeout(TIMEOUT)
@@ -119,22 +124,24 @@ class Rig:
         self.fp.start()
 
     def install(self, *, send_limit: int = 2**60, send_fragments: bool = False,
-                endpoint: tuple[str, int] | bool | None = True, until: float = 1e9) -> None:
+                endpoint: tuple[Any, ...] | bool | None = True, until: float = 1e9,
+                receive_until: float | None = None) -> None:
+        """`until`: both deadlines, unless `receive_until` is given."""
         self.fp.set_peer(
             KEY, overlay=PEER_OVERLAY, remote_index=REMOTE_INDEX, send_key=self.send_key,
             counter=self.counter, send_limit=send_limit, send_fragments=send_fragments,
             local_index=LOCAL_INDEX, receive_key=self.receive_key, replay=self.replay,
             endpoint=self.peer.getsockname() if endpoint is True else endpoint or None,
-            until=until)
+            send_until=until, receive_until=until if receive_until is None else receive_until)
 
     @property
-    def address(self) -> tuple[str, int]:
-        name: tuple[str, int] = self.sock.getsockname()
+    def address(self) -> tuple[Any, ...]:
+        name: tuple[Any, ...] = self.sock.getsockname()
         return name
 
     @property
-    def peer_address(self) -> tuple[str, int]:
-        name: tuple[str, int] = self.peer.getsockname()
+    def peer_address(self) -> tuple[Any, ...]:
+        name: tuple[Any, ...] = self.peer.getsockname()
         return name
 
     def from_peer(self, datagram: bytes) -> None:
@@ -151,11 +158,11 @@ class Rig:
         return self.kernel.recv(70000)
 
     def handed(self, tun: int = 0, udp: int = 0) -> tuple[list[bytes],
-                                                          list[tuple[bytes, int, tuple[str, int]]]]:
+                                                          list[tuple[bytes, int, Any]]]:
         """Drain until `tun` TUN reads and `udp` socket reads were handed off (waiting on the
         eventfd), and check nothing more came."""
         tun_reads: list[bytes] = []
-        udp_reads: list[tuple[bytes, int, tuple[str, int]]] = []
+        udp_reads: list[tuple[bytes, int, Any]] = []
         deadline = time.monotonic() + TIMEOUT
         while len(tun_reads) < tun or len(udp_reads) < udp:
             left = deadline - time.monotonic()
@@ -450,6 +457,31 @@ def test_expired_route_and_no_endpoint_go_to_python(rigs: list[Rig]) -> None:
     assert rig.handed(udp=1)
 
 
+def test_send_and_receive_deadlines_are_separate(rigs: list[Rig]) -> None:
+    """An initiator past `rekey_at` (its send deadline) hands what it sends to Python, which
+    starts the rekey, but keeps opening what it receives natively until the receive deadline
+    (when Python would rekey on receive): a one-way inbound flow stays native."""
+    rig = make(rigs)
+    now = time.monotonic()
+    rig.install(until=now - 1, receive_until=now + 60)
+    out = ipv4(OWN_OVERLAY, PEER_OVERLAY)
+    rig.kernel.send(out)
+    assert rig.handed(tun=1)[0] == [out]
+    inbound = ipv4(PEER_OVERLAY, OWN_OVERLAY, b"inbound")
+    rig.from_peer(data_datagram(rig.receive_key, LOCAL_INDEX, 0, inbound))
+    assert rig.delivered() == inbound
+    # The other way round (no such route comes from a session, but the checks are separate).
+    rig.install(until=now + 60, receive_until=now - 1)
+    late = data_datagram(rig.receive_key, LOCAL_INDEX, 1, inbound)
+    rig.from_peer(late)
+    assert rig.handed(udp=1)[1] == [(late, 0, rig.peer_address)]
+    assert rig.replay.check(1)  # not marked: Python decides
+    rig.kernel.send(out)
+    assert DATA_HEADER.unpack_from(rig.sent())[2] == 0
+    counts = rig.fp.counters()
+    assert (counts["fast_tx"], counts["fast_rx"]) == (1, 1)
+
+
 # -- receiving: UDP → TUN -----------------------------------------------------------------------
 
 
@@ -528,16 +560,12 @@ def test_what_the_fast_path_does_not_open_goes_to_python_unchanged(rigs: list[Ri
     rig = make(rigs)
     packet = ipv4(PEER_OVERLAY, OWN_OVERLAY)
     key = rig.receive_key
-    forged = bytearray(data_datagram(key, LOCAL_INDEX, 0, packet))
-    forged[-1] ^= 1
     stun = bytes.fromhex("000100002112a442") + bytes(12)
     bad = [
-        bytes(forged),
         data_datagram(key, LOCAL_INDEX, 1, ipv4(bytes([10, 99, 0, 9]), OWN_OVERLAY)),  # spoofed
         data_datagram(key, LOCAL_INDEX, 2, ipv4(PEER_OVERLAY, OWN_OVERLAY, version=6)),
         data_datagram(key, LOCAL_INDEX, 3, packet[:15]),  # too short to have a source
         data_datagram(key, LOCAL_INDEX + 1, 4, packet),  # unknown index
-        data_datagram(bytes(32), LOCAL_INDEX, 5, packet),  # other keys
         data_datagram(key, LOCAL_INDEX, 6, b""),  # keepalive
         FRAGMENT_HEADER.pack(TYPE_FRAGMENT, LOCAL_INDEX, 7, 0, 2) + seal(key, 7, frame(packet)),
         stun,
@@ -549,7 +577,57 @@ def test_what_the_fast_path_does_not_open_goes_to_python_unchanged(rigs: list[Ri
     assert rig.handed(udp=len(bad))[1] == [(d, 0, rig.peer_address) for d in bad]
     assert rig.replay.highest == -1
     counts = rig.fp.counters()
-    assert (counts["fast_rx"], counts["handed_udp"], counts["tun_write_errors"]) == (0, 11, 0)
+    assert (counts["fast_rx"], counts["handed_udp"], counts["tun_write_errors"],
+            counts["auth_failed"]) == (0, len(bad), 0, 0)
+
+
+def test_forged_datagrams_under_a_live_index_are_dropped_and_counted(rigs: list[Rig]) -> None:
+    """A datagram for the route's receiver index, fresh for its window, that does not
+    authenticate is dropped in C (Python would only reach the same verdict): counted overall
+    and per peer, nothing marked. Other indexes (a previous or next keypair of the peer, which
+    Python still holds) and datagrams past the receive deadline still go to Python."""
+    rig = make(rigs)
+    packet = ipv4(PEER_OVERLAY, OWN_OVERLAY)
+    key = rig.receive_key
+    flipped = bytearray(data_datagram(key, LOCAL_INDEX, 0, packet))
+    flipped[-1] ^= 1  # the tag
+    body = bytearray(data_datagram(key, LOCAL_INDEX, 1, packet))
+    body[DATA_HEADER.size] ^= 0x80  # the ciphertext
+    counter = bytearray(data_datagram(key, LOCAL_INDEX, 2, packet))
+    counter[12] ^= 1  # the counter: another nonce
+    forged = [
+        bytes(flipped), bytes(body), bytes(counter),
+        data_datagram(bytes(32), LOCAL_INDEX, 3, packet),  # other keys
+        fragment_datagram(bytes(32), LOCAL_INDEX, 4, frame(packet)),  # a one-part 0xE4
+    ]
+    for i, d in enumerate(forged, 1):
+        rig.from_peer(d)
+        wait_for(lambda i=i: rig.fp.counters()["auth_failed"] == i)  # type: ignore[misc]
+    counts = rig.fp.counters()
+    assert (counts["udp_reads"], counts["handed_udp"], counts["fast_rx"]) == (5, 0, 0)
+    assert rig.replay.highest == -1  # nothing marked: the genuine counters stay good
+    genuine = data_datagram(key, LOCAL_INDEX, 2, packet)
+    rig.from_peer(genuine)
+    assert rig.delivered() == packet
+    # Per peer, as deltas (the agent adds them to the session's and the node's rejections).
+    stats = rig.fp.take_stats()[KEY]
+    assert stats[3:5] == (1, len(packet)) and stats[6] == 5
+    assert rig.fp.take_stats() == {}
+    # A removed route's last count is still reported once.
+    rig.from_peer(bytes(flipped))
+    wait_for(lambda: rig.fp.counters()["auth_failed"] == 6)
+    rig.fp.remove_peer(KEY)
+    assert rig.fp.take_stats()[KEY][6] == 1
+    rig.install()
+    # Another keypair's index (the previous one, say): Python opens it with those keys.
+    previous = data_datagram(bytes(range(32)), LOCAL_INDEX + 1, 0, packet)
+    rig.from_peer(previous)
+    assert rig.handed(udp=1)[1] == [(previous, 0, rig.peer_address)]
+    # Past the receive deadline even a forged one goes to Python (which rekeys, or expires).
+    rig.install(until=time.monotonic() - 1)
+    rig.from_peer(bytes(flipped))
+    assert rig.handed(udp=1)[1] == [(bytes(flipped), 0, rig.peer_address)]
+    assert rig.fp.counters()["auth_failed"] == 6
 
 
 def test_source_check_off_delivers_any_source(rigs: list[Rig]) -> None:
@@ -584,19 +662,32 @@ def test_coalesced_reads_go_to_python_with_their_segment(rigs: list[Rig]) -> Non
     body=st.binary(max_size=1500),
     padding=st.sampled_from([0, 0, 0, 16, 29, 31, 9000, 65507 - 1600]),
 )
-def test_garbage_datagrams_of_any_length_go_to_python(rigs: list[Rig], prefix: bytes,
-                                                       body: bytes, padding: int) -> None:
+def test_garbage_datagrams_of_any_length_go_to_python_or_fail_authentication(
+        rigs: list[Rig], prefix: bytes, body: bytes, padding: int) -> None:
+    """Garbage goes to Python unchanged, except what claims the installed index with a fresh
+    counter and room for a tag (a data datagram, or part 0 of 1): the AEAD is tried, fails,
+    and the datagram is dropped and counted. Nothing is ever delivered."""
     if not rigs:
         make(rigs, frames=True)
     rig = rigs[0]
-    if prefix.startswith((b"\xe3", b"\xe4")) and len(prefix) == 5:
+    live = prefix.startswith((b"\xe3", b"\xe4")) and len(prefix) == 5
+    if live:
         body = bytes(8) + body  # counter 0 of the installed index: the AEAD is tried
     datagram = prefix + body + bytes(padding)
+    dropped = live and (len(datagram) > DATA_OVERHEAD if datagram[0] == TYPE_DATA else
+                        len(datagram) > FRAGMENT_HEADER.size + 16
+                        and datagram[13:15] == b"\x00\x01")
+    event("authentication tried" if dropped else "to Python")
     before = rig.fp.counters()
     rig.from_peer(datagram)
-    assert rig.handed(udp=1)[1] == [(datagram, 0, rig.peer_address)]
+    if dropped:
+        wait_for(lambda: rig.fp.counters()["auth_failed"] > before["auth_failed"])
+    else:
+        assert rig.handed(udp=1)[1] == [(datagram, 0, rig.peer_address)]
     after = rig.fp.counters()
-    assert after["handed_udp"] - before["handed_udp"] == 1 and after["fast_rx"] == 0
+    assert after["handed_udp"] - before["handed_udp"] == (not dropped)
+    assert after["auth_failed"] - before["auth_failed"] == dropped
+    assert after["fast_rx"] == 0
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
@@ -716,6 +807,49 @@ def test_tun_reads_follow_the_sending_rules(
         assert rig.counter.value == before
 
 
+# -- IPv6 -----------------------------------------------------------------------------------------
+
+
+def have_ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as s:
+            s.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not have_ipv6_loopback(), reason="no ::1 on this machine")
+def test_ipv6_sources_come_as_the_socket_module_gives_them(rigs: list[Rig]) -> None:
+    """On an AF_INET6 socket a handed-off datagram's source is the 4-tuple recvmsg gives
+    (host, port, flowinfo, scope_id), so the core sees the same address either way; routes
+    take such endpoints (and 2-tuples) and the thread carries packets both ways."""
+    rig = make(rigs, family=socket.AF_INET6)
+    junk = b"\x00\x01 over IPv6"
+    rig.from_peer(junk)
+    (_, _, source), = rig.handed(udp=1)[1]
+    assert len(source) == 4 and source == rig.peer_address
+    packet = ipv4(OWN_OVERLAY, PEER_OVERLAY)
+    rig.kernel.send(packet)
+    assert DATA_HEADER.unpack_from(rig.sent())[2] == 0  # to the 4-tuple endpoint
+    rig.install(endpoint=rig.peer_address[:2])
+    rig.kernel.send(packet)
+    assert DATA_HEADER.unpack_from(rig.sent())[2] == 1
+    inbound = ipv4(PEER_OVERLAY, OWN_OVERLAY)
+    rig.from_peer(data_datagram(rig.receive_key, LOCAL_INDEX, 0, inbound))
+    assert rig.delivered() == inbound
+    for bad, error in [((LOOPBACK, 9, 0), TypeError), (("::1", 9, 1 << 20, 0), ValueError),
+                       (("::1", 9, 0, 2**32), ValueError)]:
+        with pytest.raises(error, match="endpoint"):
+            rig.install(endpoint=bad)
+    # What Python itself reads from the same socket for the same sender, once the thread is
+    # gone: the same tuple.
+    rig.fp.close()
+    rig.from_peer(junk)
+    rig.sock.settimeout(TIMEOUT)
+    assert rig.sock.recvfrom(100) == (junk, source)
+
+
 # -- queue, stats, lifecycle --------------------------------------------------------------------
 
 
@@ -741,8 +875,9 @@ def test_stats_are_deltas_per_peer(rigs: list[Rig]) -> None:
         rig.kernel.send(ipv4(OWN_OVERLAY, PEER_OVERLAY, bytes(size - 28)))
         rig.sent()
     stats = rig.fp.take_stats()
-    tx_packets, tx_bytes, last_tx, rx_packets, rx_bytes, last_rx = stats[KEY]
-    assert (tx_packets, tx_bytes, rx_packets, rx_bytes, last_rx) == (3, sum(sizes), 0, 0, 0.0)
+    tx_packets, tx_bytes, last_tx, rx_packets, rx_bytes, last_rx, auth_failed = stats[KEY]
+    assert (tx_packets, tx_bytes, rx_packets, rx_bytes, last_rx, auth_failed) == (
+        3, sum(sizes), 0, 0, 0.0, 0)
     assert start <= last_tx <= time.monotonic()
     assert rig.fp.take_stats() == {}
     packet = ipv4(PEER_OVERLAY, OWN_OVERLAY, bytes(72))
@@ -781,6 +916,124 @@ def test_close_joins_promptly_and_is_idempotent(rigs: list[Rig]) -> None:
     assert rig.tun.recv(10) == b"x"
 
 
+def test_the_thread_works_on_its_own_fds(rigs: list[Rig]) -> None:
+    """The constructor dup()s both fds: the caller may close (and the process reuse) its
+    numbers without the thread reading or writing another file; close() closes the dups."""
+    rig = make(rigs)
+    address = rig.address
+    rig.tun.close()  # the caller's fd numbers are free now ...
+    rig.sock.close()
+    reused = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(2)]
+    try:  # ... and taken by these: the thread must not care
+        packet = ipv4(OWN_OVERLAY, PEER_OVERLAY)
+        rig.kernel.send(packet)
+        sent, source = rig.peer.recvfrom(2048)
+        assert source == address and DATA_HEADER.unpack_from(sent)[2] == 0
+        inbound = ipv4(PEER_OVERLAY, OWN_OVERLAY)
+        rig.peer.sendto(data_datagram(rig.receive_key, LOCAL_INDEX, 0, inbound), address)
+        assert rig.delivered() == inbound
+        assert rig.fp.error is None
+        rig.fp.close()
+        # The last reference to the fake device's end was the thread's dup: gone now.
+        with pytest.raises(ConnectionRefusedError):
+            rig.kernel.send(packet)
+    finally:
+        for s in reused:
+            s.close()
+
+
+def thread_error(fp: FastPath) -> OSError | None:
+    """`fp.error`, read afresh (it changes under a running thread)."""
+    return fp.error
+
+
+def wait_for_error(rig: Rig) -> OSError:
+    """The thread's failure, after it woke Python through the eventfd (which may have been
+    readable already, for reads waiting)."""
+    ready, _, _ = select.select([rig.fp.fileno()], [], [], TIMEOUT)
+    assert ready, "the thread did not wake Python"
+    wait_for(lambda: thread_error(rig.fp) is not None)
+    error = thread_error(rig.fp)
+    assert isinstance(error, OSError)
+    return error
+
+
+def test_a_failing_poll_stops_the_thread_and_keeps_its_queue(rigs: list[Rig]) -> None:
+    """A poll() error other than EINTR (injected: `_fail_for_test`) ends the thread: it records
+    the errno and wakes Python, and everything it had queued is still there to drain. What
+    comes later stays in the socket and the device for Python to read."""
+    rig = make(rigs)
+    rig.fp._fail_for_test(errno.EINTR)  # retried: the thread goes on
+    packet = ipv4(OWN_OVERLAY, PEER_OVERLAY)
+    rig.kernel.send(packet)
+    assert DATA_HEADER.unpack_from(rig.sent())[2] == 0
+    assert thread_error(rig.fp) is None
+    queued = [b"\x00\x01queued %d" % i for i in range(3)]
+    for d in queued:
+        rig.from_peer(d)
+    wait_for(lambda: rig.fp.counters()["handed_udp"] == 3)  # not drained
+    rig.fp._fail_for_test(errno.EBADF)
+    error = wait_for_error(rig)
+    assert error.errno == errno.EBADF and "poll" in str(error)
+    _, udp_reads = rig.fp.drain()
+    assert [d for d, _, _ in udp_reads] == queued
+    rig.fp.release()
+    assert select.select([rig.fp.fileno()], [], [], 0)[0]  # stays readable: it stopped
+    later = b"\x00\x01 after the failure"
+    rig.from_peer(later)
+    rig.kernel.send(packet)
+    rig.sock.settimeout(TIMEOUT)
+    assert rig.sock.recvfrom(100) == (later, rig.peer_address)  # the thread reads no more
+    rig.tun.settimeout(TIMEOUT)
+    assert rig.tun.recv(100) == packet
+    assert rig.fp.drain() == ([], [])
+    rig.fp.close()
+    assert thread_error(rig.fp) is not None  # stays for the adapter's log
+    with pytest.raises(ValueError, match="closed"):
+        rig.fp._fail_for_test(errno.EIO)
+    with pytest.raises(ValueError, match="errno"):
+        make(rigs).fp._fail_for_test(0)
+
+
+def test_a_broken_tun_device_stops_the_thread_instead_of_spinning() -> None:
+    """mesh0 fails (a deleted TUN device reports POLLERR and its reads EBADFD; here the fake
+    device is a SOCK_SEQPACKET pair whose other end goes away: POLLHUP, reads at end of file):
+    the thread stops instead of polling a broken fd for ever."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.bind((LOOPBACK, 0))
+        kernel, tun = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        with kernel, tun:
+            tun.setblocking(False)
+            fp = FastPath(sock.fileno(), tun.fileno(), frames=False, check_source=True,
+                          fragment_part=FRAGMENT_PART)
+            fp.start()
+            try:
+                kernel.send(b"\x00" * 20)  # read and handed over before the end
+                kernel.close()
+                ready, _, _ = select.select([fp.fileno()], [], [], TIMEOUT)
+                assert ready
+                error = fp.error
+                if error is None:  # woken for the hand-off first
+                    wait_for(lambda: fp.error is not None)
+                    error = fp.error
+                assert isinstance(error, OSError) and "mesh0 read" in str(error)
+                assert fp.drain()[0] == [b"\x00" * 20]
+                assert fp.counters()["tun_reads"] == 1
+            finally:
+                fp.close()
+
+
+def test_a_shut_down_socket_stops_the_thread(rigs: list[Rig]) -> None:
+    """Reads on a socket shut down for reading return nothing for ever (POLLRDHUP): the thread
+    stops with ESHUTDOWN rather than hand Python empty datagrams in a loop."""
+    rig = make(rigs)
+    with contextlib.suppress(OSError):  # ENOTCONN for an unconnected socket, but it takes
+        rig.sock.shutdown(socket.SHUT_RD)
+    error = wait_for_error(rig)
+    assert error.errno == errno.ESHUTDOWN and "socket" in str(error)
+    assert rig.fp.counters()["handed_udp"] == 0
+
+
 def test_close_without_start_and_start_twice() -> None:
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
         a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
@@ -808,7 +1061,8 @@ def test_bad_arguments_name_the_field(rigs: list[Rig]) -> None:
         FastPath(rig.sock.fileno(), rig.tun.fileno())  # type: ignore[call-arg]
     good = dict(overlay=PEER_OVERLAY, remote_index=1, send_key=bytes(32), counter=Counter(),
                 send_limit=10, send_fragments=False, local_index=1, receive_key=bytes(32),
-                replay=ReplayWindow(), endpoint=(LOOPBACK, 9), until=1.0)
+                replay=ReplayWindow(), endpoint=(LOOPBACK, 9), send_until=1.0,
+                receive_until=1.0)
     for name, value, error in [
         ("overlay", b"\x01\x02\x03", ValueError),
         ("send_key", bytes(31), ValueError),
@@ -893,7 +1147,7 @@ def test_microbenchmark_native_round_trip(rigs: list[Rig]) -> None:
             KEY, overlay=overlay, remote_index=LOCAL_INDEX, send_key=rig.send_key,
             counter=rig.counter, send_limit=2**60, send_fragments=False,
             local_index=LOCAL_INDEX, receive_key=other.send_key, replay=rig.replay,
-            endpoint=other.address, until=1e9)
+            endpoint=other.address, send_until=1e9, receive_until=1e9)
     ping = ipv4(OWN_OVERLAY, PEER_OVERLAY, bytes(36))
     pong = ipv4(PEER_OVERLAY, OWN_OVERLAY, bytes(36))
     pa, pb = PythonRelay(a.send_key, b.send_key), PythonRelay(b.send_key, a.send_key)

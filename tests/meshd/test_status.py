@@ -104,3 +104,18 @@ def test_the_tunnel_part_ends_with_the_fast_path_line() -> None:
         "fast path: 1 direct peer(s) natively (b), packets 10 out / 12 in, 7 reads to Python")
     doc["tunnel"]["fastPath"] = None  # off, or not built
     assert "fast path" not in render_status(doc)
+
+
+def test_the_tunnel_part_names_control_and_fast_path_errors() -> None:
+    doc = status_document(catalog(), rules_in_place=True)
+    doc["tunnel"] = {"interface": "mesh0", "overlay": "100.64.0.1/16", "local": "10.0.0.1:5000",
+                     "relayed": None, "control": "backoff", "peers": [], "nat": None,
+                     "natProbe": True, "fastPath": None,
+                     "controlError": "refused: revoked: node n1 is revoked",
+                     "fastPathError": "[Errno 5] Input/output error"}
+    lines = render_status(doc).splitlines()
+    assert "control channel: refused: revoked: node n1 is revoked" in lines
+    assert "fast path stopped: [Errno 5] Input/output error (Python carries the data)" in lines
+    doc["tunnel"].update(control="ready", fastPathError=None)  # a stale error is not shown
+    assert not any(line.startswith(("control channel:", "fast path")) for line in
+                   render_status(doc).splitlines())

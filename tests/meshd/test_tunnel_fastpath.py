@@ -21,7 +21,14 @@ import pytest
 
 from meshd.tunnel import fastpath
 from meshd.tunnel.fastpath import FastRoute, FastStats
-from meshd.tunnel.session import DecryptedPackets, Rejected, RejectReason, TunnelSession
+from meshd.tunnel.session import (
+    DecryptedPackets,
+    Rejected,
+    RejectReason,
+    State,
+    Trigger,
+    TunnelSession,
+)
 from meshd.tunnel.throughput import A, B, _handshake, _pair
 
 pytestmark = pytest.mark.skipif(not fastpath.AVAILABLE,
@@ -74,15 +81,21 @@ def sides() -> Iterator[tuple[Side, Side]]:
             side.tun.close()
 
 
-def install(side: Side, peer: Side, key: int = 1, *, until: float | None = None) -> FastRoute:
+def install(side: Side, peer: Side, key: int = 1, *, until: float | None = None,
+            receive_until: float | None = None) -> FastRoute:
+    """The session's route as the agent installs it; `until` overrides both deadlines,
+    `receive_until` the receive one (the sessions' clock is time.monotonic())."""
     route = side.session.fast_route(time.monotonic(), peer.udp.getsockname())
     assert route is not None
+    send_until = route.send_until if until is None else until
+    if receive_until is None:
+        receive_until = route.receive_until if until is None else until
     side.fast.set_peer(key, overlay=route.overlay, remote_index=route.remote_index,
                        send_key=route.send_key, counter=route.counter,
                        send_limit=route.send_limit, send_fragments=route.send_fragments,
                        local_index=route.local_index, receive_key=route.receive_key,
-                       replay=route.replay, endpoint=route.endpoint,
-                       until=route.until if until is None else until)
+                       replay=route.replay, endpoint=route.endpoint, send_until=send_until,
+                       receive_until=receive_until)
     return route
 
 
@@ -113,7 +126,8 @@ def test_lone_packets_cross_natively_both_ways(sides: tuple[Side, Side]) -> None
     assert read_tun(a) == back
     assert a.fast.counters()["fast_tx"] == 1 and a.fast.counters()["fast_rx"] == 1
     stats = a.fast.take_stats()
-    tx_packets, tx_bytes, last_tx, rx_packets, rx_bytes, last_rx = stats[1]
+    tx_packets, tx_bytes, last_tx, rx_packets, rx_bytes, last_rx, auth_failed = stats[1]
+    assert auth_failed == 0
     assert (tx_packets, tx_bytes, rx_packets, rx_bytes) == (1, len(there), 1, len(back))
     assert 0 < last_tx <= time.monotonic() and 0 < last_rx <= time.monotonic()
     assert a.fast.take_stats() == {}  # deltas: nothing since
@@ -194,7 +208,8 @@ def test_past_until_and_a_used_up_counter_hand_packets_to_python(
                     send_key=route.send_key, counter=route.counter,
                     send_limit=route.counter.value, send_fragments=False,
                     local_index=route.local_index, receive_key=route.receive_key,
-                    replay=route.replay, endpoint=route.endpoint, until=route.until)
+                    replay=route.replay, endpoint=route.endpoint,
+                    send_until=route.send_until, receive_until=route.receive_until)
     a.tun.send(p)
     packets, _ = handed(a)
     assert packets == [p]
@@ -243,3 +258,79 @@ def test_drained_reads_are_not_overtaken(sides: tuple[Side, Side]) -> None:
     while a.fast.counters()["fast_tx"] == 0 and time.monotonic() < deadline:
         time.sleep(0.01)
     assert a.fast.counters()["fast_tx"] == 1
+
+
+def test_an_initiator_past_rekey_at_still_receives_natively(sides: tuple[Side, Side]) -> None:
+    """The route's two deadlines are exactly when the session needs the packets: the
+    initiator's sends from `rekey_at` (it rekeys on send), what it receives only from the
+    later of `rekey_at` and `reject_at` − margin (it rekeys on receive then); the responder's
+    both at `reject_at`. Between the two, a one-way inbound flow stays native."""
+    a, b = sides
+    now = time.monotonic()
+    route = a.session.fast_route(now, b.udp.getsockname())
+    back = b.session.fast_route(now, a.udp.getsockname())
+    assert route is not None and back is not None
+    assert route.receive_until > route.send_until  # a initiated the handshake
+    assert back.send_until == back.receive_until > route.receive_until  # b's reject_at
+    install(a, b, until=now - 1, receive_until=route.receive_until)
+    install(b, a)
+    inbound = packet(B.packed, A.packed, b"one-way")
+    b.tun.send(inbound)
+    assert read_tun(a) == inbound  # opened natively although a's send deadline passed
+    out = packet(A.packed, B.packed, b"rekey")
+    a.tun.send(out)
+    packets, _ = handed(a)  # a's sends go to Python: it starts the rekey
+    assert packets == [out]
+    install(a, b, until=now - 1)  # past the receive deadline too
+    b.tun.send(inbound)
+    _, reads = handed(a)
+    assert len(reads) == 1
+    # Python acts at that deadline, not before: a rekey on receive starts there.
+    (datagram, _, _), = reads
+    fresh, = b.session.encrypt([inbound], now)
+    a.session.receive(fresh, route.receive_until - 0.001)
+    assert a.session.state is State.ESTABLISHED
+    a.session.receive(datagram, route.receive_until)
+    assert a.session.history[-1][1:] == (Trigger.REKEY, State.REKEYING)
+
+
+def test_forged_datagrams_are_dropped_and_counted_as_python_counts_them(
+        sides: tuple[Side, Side]) -> None:
+    """A forged datagram under the current keys is dropped by the thread and reaches the
+    session's rejections as `auth-failed`, as it would through Python; a datagram under the
+    previous keypair (another receiver index) still goes to Python, which opens it."""
+    a, b = sides
+    now = time.monotonic()
+    old_packet = packet(A.packed, B.packed, b"old keys")
+    (old,) = a.session.encrypt([old_packet], now)  # sealed before the rekey, sent after
+    later = now + a.session.config.rekey_after_time + 1
+    a.session.encrypt([packet(A.packed, B.packed, b"starts the rekey")], later)
+    for d in a.session.datagrams_to_send(later):
+        b.session.receive(d, later)
+    for d in b.session.datagrams_to_send(later):
+        a.session.receive(d, later)
+    for d in a.session.encrypt([packet(A.packed, B.packed, b"confirms")], later):
+        b.session.receive(d, later)
+    route = install(b, a)
+    assert struct.unpack_from("!I", old, 1)[0] != route.local_index  # the previous keys
+    a.udp.sendto(old, b.udp.getsockname())
+    _, reads = handed(b)
+    assert [r[0] for r in reads] == [old]
+    events = b.session.receive(old, later)
+    assert [e.packets for e in events if isinstance(e, DecryptedPackets)] == [(old_packet,)]
+
+    (genuine,) = a.session.encrypt([packet(A.packed, B.packed, b"forged")], later)
+    forged = genuine[:-1] + bytes([genuine[-1] ^ 1])
+    a.udp.sendto(forged, b.udp.getsockname())
+    deadline = time.monotonic() + 2
+    while b.fast.counters()["auth_failed"] == 0 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert b.fast.counters()["auth_failed"] == 1 and b.fast.counters()["handed_udp"] == 1
+    *_, auth_failed = b.fast.take_stats()[1]
+    b.session.fast_account(FastStats(0, 0, None, 0, 0, None, auth_failed))
+    assert b.session.stats().rejected == {"auth-failed": 1}
+    events = b.session.receive(forged, later)  # what Python does with the same datagram
+    assert [e.reason for e in events if isinstance(e, Rejected)] == [RejectReason.AUTH_FAILED]
+    assert b.session.stats().rejected == {"auth-failed": 2}
+    a.udp.sendto(genuine, b.udp.getsockname())  # the genuine one was not marked: delivered
+    assert read_tun(b) == packet(A.packed, B.packed, b"forged")

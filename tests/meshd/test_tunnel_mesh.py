@@ -465,9 +465,10 @@ def test_fast_routes_follow_the_keys_and_the_direct_path() -> None:
     assert route.local_index == kp.local_index and route.remote_index == kp.remote_index
     b = world.nodes["edge-b"]
     assert b.overlay is not None and route.overlay == b.overlay.ip.packed
-    assert route.until == (kp.rekey_at if kp.initiator else kp.reject_at)
+    assert route.send_until == (kp.rekey_at if kp.initiator else kp.reject_at)
+    assert route.receive_until >= route.send_until
     assert not replace(route, endpoint=None).same_keys(route)  # the path moved: reinstall
-    assert replace(route, until=0.0).same_keys(route)
+    assert replace(route, send_until=0.0, receive_until=0.0).same_keys(route)
     # The other side's route is the mirror image.
     back = b.fast_routes(world.net.now)["edge-a"]
     assert back.remote_index == route.local_index and back.send_key == route.receive_key

@@ -311,6 +311,10 @@ class Trigger(Enum):
     """Answered keys stayed unconfirmed while packets wait: initiate ourselves."""
     REKEY = "rekey"
     """The current keys are due for renewal."""
+    NO_REPLY = "no_reply"
+    """Data went out and nothing authenticated came back for keepalive_timeout +
+    handshake_retry_max (15 s): the peer may have lost our keys (WireGuard's new-handshake
+    timer)."""
     EXPIRED = "expired"
     """The current keys reached `reject_after_time` or `reject_after_messages`."""
     CLOSE = "close"
@@ -331,6 +335,7 @@ TRANSITIONS: dict[tuple[State, Trigger], State] = {
     (State.RESPONDED, Trigger.CONFIRM_TIMEOUT): State.INITIATING,
     (State.RESPONDED, Trigger.EXPIRED): State.IDLE,
     (State.ESTABLISHED, Trigger.REKEY): State.REKEYING,
+    (State.ESTABLISHED, Trigger.NO_REPLY): State.REKEYING,
     (State.ESTABLISHED, Trigger.INITIATION): State.ESTABLISHED,  # the peer rekeys
     (State.ESTABLISHED, Trigger.CONFIRMED): State.ESTABLISHED,
     (State.ESTABLISHED, Trigger.EXPIRED): State.IDLE,
@@ -546,6 +551,10 @@ class TunnelSession:
         self._outbox: list[bytes] = []
         self._events: list[Event] = []
         self._last_sent = -float("inf")
+        self._unanswered_since: float | None = None
+        """First data sent after the last authenticated receive (the new-handshake timer)."""
+        self._unanswered_receive: float | None = None
+        """First data received after our last send (the passive keepalive timer)."""
         self._own_timestamp = 0
         self._peer_timestamps: dict[bytes, int] = {}  # newest accepted, per initiator key
         self._ever_keyed = False
@@ -643,6 +652,9 @@ class TunnelSession:
         counts["bytes_sent"] += size
         if out:
             self._last_sent = now
+            self._unanswered_receive = None
+            if self._unanswered_since is None:
+                self._unanswered_since = now
         return out
 
     def _fresh_keys_coming(self, now: float) -> bool:
@@ -672,8 +684,11 @@ class TunnelSession:
         else:
             counts["packets_sent"] += counter - start
             counts["bytes_sent"] += size
+            if self._unanswered_since is None and out:
+                self._unanswered_since = now
         if out:
             self._last_sent = now
+            self._unanswered_receive = None
         return out
 
     def _encrypt_slow(self, packets: Sequence[bytes], now: float) -> list[bytes]:
@@ -806,7 +821,7 @@ class TunnelSession:
         counts["packets_received"] += len(out)
         counts["bytes_received"] += sum(map(len, out)) - (
             VNET_HDR_LEN * len(out) if frames_out else 0)
-        self._after_receive(now)
+        self._after_receive(now, data=True)
         return True
 
     def _receive(self, datagrams: Iterable[bytes], now: float, packets: list[bytes],
@@ -925,7 +940,7 @@ class TunnelSession:
         counts["keepalives_received"] += keepalives
         counts["messages_received"] += messages
         if new or keepalives:
-            self._after_receive(now)
+            self._after_receive(now, data=bool(new))
         events = self._take_events()
         if new and emit:
             events.append(DecryptedPackets(self.peer.node, tuple(packets[start:])))
@@ -1061,8 +1076,13 @@ class TunnelSession:
             del partials[key]
             self._counts["messages_incomplete"] += 1
 
-    def _after_receive(self, now: float) -> None:
-        """A receiving initiator renews keys before the peer would stop accepting them."""
+    def _after_receive(self, now: float, *, data: bool) -> None:
+        """Something authenticated arrived: what we sent was answered (the new-handshake timer
+        stops), data wants a passive keepalive unless we send first; a receiving initiator
+        renews keys before the peer would stop accepting them."""
+        self._unanswered_since = None
+        if data and self._unanswered_receive is None:
+            self._unanswered_receive = now
         kp = self._current
         if (
             kp is not None
@@ -1192,6 +1212,7 @@ class TunnelSession:
         overlay = kp.overlay
         self.peer_overlay = overlay
         self._counts["handshakes_completed"] += 1
+        self._unanswered_since = None  # the peer answered: it holds keys with us
         self._events.append(HandshakeComplete(self.peer.node, overlay, initiator, rekey))
 
     def _flush(self, kp: _Keypair, now: float) -> bool:
@@ -1244,6 +1265,11 @@ class TunnelSession:
         interval = self.config.persistent_keepalive
         if interval is not None and self._current is not None:
             deadlines.append(self._last_sent + interval)
+        if self._current is not None:
+            if self._unanswered_receive is not None:  # passive keepalive
+                deadlines.append(self._unanswered_receive + self.config.keepalive_timeout)
+            if self._unanswered_since is not None and self._pending is None:
+                deadlines.append(self._unanswered_since + self._receive_rekey_margin)
         return min(deadlines) if deadlines else None
 
     def handle_timer(self, now: float) -> list[Event]:
@@ -1274,7 +1300,27 @@ class TunnelSession:
         interval = self.config.persistent_keepalive
         if interval is not None and self._current is not None and now >= self._last_sent + interval:
             self.send_keepalive(now)
+        self._reply_timers(now)
         return self._take_events()
+
+    def _reply_timers(self, now: float) -> None:
+        """WireGuard's passive keepalive and new-handshake timers (whitepaper §6.5): data
+        received and nothing sent for keepalive_timeout → an empty datagram, so a one-way
+        flow's sender hears back; data sent and nothing authenticated received for
+        keepalive_timeout + handshake_retry_max → a fresh handshake (the peer may have lost
+        our keys without anyone telling us: e.g. it dropped us and took us back)."""
+        if self._current is None:
+            return
+        since = self._unanswered_receive
+        if since is not None and now >= since + self.config.keepalive_timeout:
+            self.send_keepalive(now)  # clears it
+        since = self._unanswered_since
+        if (since is not None and now >= since + self._receive_rekey_margin
+                and self._pending is None and self.state is State.ESTABLISHED
+                and not self._fresh_keys_coming(now)):
+            self._unanswered_since = None  # the handshake's answer is the reply we wait for
+            self._fire(Trigger.NO_REPLY)
+            self._initiate(now)
 
     def _expire(self, now: float) -> None:
         if self._previous is not None and now >= self._previous.reject_at:
@@ -1318,6 +1364,7 @@ class TunnelSession:
         self._queue.clear()
         self._partials.clear()
         self._reindex()
+        self._unanswered_since = self._unanswered_receive = None
         self._fire(Trigger.CLOSE)
 
     def fast_route(self, now: float, endpoint: tuple[str, int] | None) -> FastRoute | None:
@@ -1355,8 +1402,20 @@ class TunnelSession:
         counts["bytes_sent"] += stats.tx_bytes
         counts["packets_received"] += stats.rx_packets
         counts["bytes_received"] += stats.rx_bytes
-        if stats.last_tx is not None:
-            self._last_sent = max(self._last_sent, stats.last_tx)
+        # The reply timers (`_reply_timers`) from the thread's last send and receive times.
+        last_rx, last_tx = stats.last_rx, stats.last_tx
+        if stats.rx_packets and last_rx is not None:
+            if self._unanswered_since is not None and last_rx >= self._unanswered_since:
+                self._unanswered_since = None
+            if self._unanswered_receive is None and (last_tx is None or last_rx > last_tx):
+                self._unanswered_receive = last_rx
+        if last_tx is not None:
+            self._last_sent = max(self._last_sent, last_tx)
+            if self._unanswered_receive is not None and last_tx >= self._unanswered_receive:
+                self._unanswered_receive = None
+            if (stats.tx_packets and self._unanswered_since is None
+                    and (last_rx is None or last_tx > last_rx)):
+                self._unanswered_since = last_tx
 
     @property
     def can_send(self) -> bool:

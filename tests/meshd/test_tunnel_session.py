@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 
 from edgeweave.pki import CERT_VALIDITY, CertificateAuthority, node_identity
 from meshd.simnet import APDF, EIM, SimNat, SimNetwork
+from meshd.tunnel.fastpath import FastStats
 from meshd.tunnel.identity import CAPeerVerifier, LocalIdentity, Peer
 from meshd.tunnel.offload import (
     F_NEEDS_CSUM,
@@ -724,6 +725,74 @@ def test_persistent_keepalive() -> None:
     assert len(keepalives) == 4
     assert w.b.stats().keepalives_received >= 4
     assert not w.of("b", DecryptedPackets)[1:]  # keepalives are not packets
+
+
+@pytest.mark.parametrize("first", ["a", "b"], ids=["initiator-sends", "responder-sends"])
+def test_a_peer_that_lost_our_keys_gets_a_new_handshake_after_15_s(first: str) -> None:
+    """WireGuard's new-handshake timer: b forgets every key (e.g. it dropped a and took it
+    back); a's data goes unanswered, and 15 s after its first unanswered packet a handshakes
+    again instead of waiting for a rekey (120 s) or the keys' expiry (180 s)."""
+    w = established(first=first)
+    w.send("b", packets("edge-b", "edge-a", [1000]))  # both sides answered
+    w.run(w.now + 1)
+    w.b.close()
+    lost_at = w.now
+    t = lost_at
+    while t < lost_at + 20:  # a sends a packet every second
+        w.send("a", packets("edge-a", "edge-b", [int(t)]))
+        t += 1.0
+        w.run(t)
+    initiations = [t for t, _ in w.sent_of("a", TYPE_INITIATION) if t > lost_at]
+    assert initiations and lost_at + 15 <= initiations[0] <= lost_at + 15.1, initiations
+    assert (State.ESTABLISHED, Trigger.NO_REPLY, State.REKEYING) in list(w.a.history)
+    assert state(w.a) is State.ESTABLISHED and state(w.b) is State.ESTABLISHED
+    got = [seq_of(p) for p in w.delivered["b"] if seq_of(p) >= int(lost_at)]
+    assert got and got[-1] == int(lost_at) + 19  # flowing again, on the new keys
+    assert w.rejected("b")  # what a sent meanwhile was refused (unknown index)
+
+
+def test_a_one_way_flow_gets_passive_keepalives_and_no_new_handshakes() -> None:
+    """Data only from a to b for a minute: b answers with an empty datagram 10 s after data
+    it did not answer, so a never sees its data unanswered for 15 s (no handshake)."""
+    w = established()
+    start, initiations = w.now, len(w.sent_of("a", TYPE_INITIATION))
+    t = start
+    while t < start + 60:
+        w.send("a", packets("edge-a", "edge-b", [int(t)]))
+        t += 0.5
+        w.run(t)
+    keepalives = [t for t, d in w.sent_of("b", TYPE_DATA) if len(d) == 29 and t > start]
+    assert 5 <= len(keepalives) <= 7, keepalives  # one per 10 s of one-way data
+    assert len(w.sent_of("a", TYPE_INITIATION)) == initiations
+    assert Trigger.NO_REPLY not in {trigger for _, trigger, _ in w.a.history}
+    # Idle afterwards: no keepalives, no handshakes, no timers but the keys' expiry.
+    w.run(w.now + 30)
+    assert len([1 for t, d in w.sent_of("b", TYPE_DATA) if len(d) == 29 and t > start]) \
+        <= len(keepalives) + 1
+    timer = w.a.get_timer()
+    assert timer is not None and timer > w.now + 60
+
+
+def test_the_fast_paths_traffic_drives_the_reply_timers() -> None:
+    """The thread's sends and receives (`fast_account`) arm and stop the same timers."""
+    w = established()
+    w.send("b", packets("edge-b", "edge-a", [1000]))
+    w.run(w.now + 12)  # a's passive keepalive answers b's packet; then no timer runs
+    timer = w.a.get_timer()
+    assert timer is not None and timer > w.now + 100  # the keys' expiry only
+    now = w.now
+    w.a.fast_account(FastStats(tx_packets=3, tx_bytes=300, last_tx=now, rx_packets=0,
+                               rx_bytes=0, last_rx=None))
+    assert w.a.get_timer() == pytest.approx(now + 15)  # sent, not answered
+    w.a.fast_account(FastStats(tx_packets=0, tx_bytes=0, last_tx=None, rx_packets=1,
+                               rx_bytes=100, last_rx=now + 1))
+    timer = w.a.get_timer()  # answered; now a passive keepalive is due
+    assert timer == pytest.approx(now + 11)
+    w.a.fast_account(FastStats(tx_packets=1, tx_bytes=100, last_tx=now + 2, rx_packets=0,
+                               rx_bytes=0, last_rx=None))
+    assert w.a.get_timer() == pytest.approx(now + 17)  # our send answered them; ours waits
+    w.run(now + 17.5)
+    assert (State.ESTABLISHED, Trigger.NO_REPLY, State.REKEYING) in list(w.a.history)
 
 
 # -- identity ------------------------------------------------------------------------------------

@@ -334,7 +334,9 @@ class ControlClient:
         self._ping_seq = 0
         self._pings: dict[int, float] = {}
         self._heard = False  # any byte on the current connection
-        self._fatal: Error | None = None  # a fatal error frame before the welcome
+        # The server's last session-level error, when nothing followed it: the reason of the
+        # close that comes next (a fatal error, before or after the welcome).
+        self._fatal: Error | None = None
 
     # --- API ----------------------------------------------------------------------------------
 
@@ -524,6 +526,9 @@ class ControlClient:
                       peers_dropped=len(removed))
                 self._events.append(PeersChanged({}, (), removed))
             return
+        # More from the server: an error before this was not what closes the session (a
+        # `nat` over the rate is answered and the session goes on).
+        self._fatal = None
         if self.state is ClientState.HELLO_SENT:
             if isinstance(message, Welcome):
                 self._welcome(message, now)

@@ -375,6 +375,17 @@ def test_a_revoked_agent_drops_its_peers_names_it_and_retries(
     assert d.client.ready and d.client.refusals == 0 and d.client.last_error is None
 
 
+def test_a_non_fatal_session_error_is_not_the_reason_of_a_later_close() -> None:
+    """A `nat` over the rate gets an `error` without `peer` and the session goes on; a close
+    much later (idle timeout) must not be blamed on it."""
+    d = Driver()
+    d.ready()
+    d.feed(Error("rate-limited", "nat: over 20 messages/s"))
+    d.feed(Peers((peer("edge-2"),)))
+    d.client.connection_lost("closed by the server", d.now)
+    assert d.client.last_error == "closed by the server"
+
+
 # --- the TURN core -------------------------------------------------------------------------------
 
 

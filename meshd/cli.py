@@ -1,4 +1,5 @@
-"""The `meshd` command: `netcheck`, `server`, `config` (reference: docs/reference/meshd.md)."""
+"""The `meshd` command: `netcheck`, `server`, `agent`, `status`, `ping`, `nodes`, `config`
+(reference: docs/reference/meshd.md)."""
 
 from __future__ import annotations
 
@@ -41,8 +42,13 @@ from meshd.turn.server import TurnServerConfig
 from meshd.udp import BindError
 
 if TYPE_CHECKING:
+    from aiohttp import web
+
+    from meshd.control.nodes import NodeTable
     from meshd.control.revoked import RevokedFile
+    from meshd.control.server import ControlServer
     from meshd.control.service import RevocationWatcher
+    from meshd.turn.server import TurnServer
 
 log = logging.getLogger("meshd.stun")
 control_log = logging.getLogger("meshd.control")
@@ -162,6 +168,13 @@ def build_parser() -> argparse.ArgumentParser:
     ping.add_argument("--timeout", type=_positive, default=5.0, metavar="SECONDS",
                       help="give up on one connect after this long (default 5)")
 
+    nodes = _subcommand(sub, "nodes", "list the nodes `meshd server` knows: overlay address, "
+                        "online or not and since when, NAT, endpoint, relay, revocation")
+    nodes.add_argument("--address", metavar="HOST:PORT",
+                       help="the server's metrics listener (config: control.metricsAddress, "
+                            "else relay.metricsAddress)")
+    nodes.add_argument("--json", action="store_true", help="print the JSON document")
+
     _subcommand(sub, "config", "print the effective configuration as YAML")
     return parser
 
@@ -183,6 +196,8 @@ def _main(args: argparse.Namespace) -> int:
         return _status(args, config)
     if args.command == "ping":
         return _ping(args, config)
+    if args.command == "nodes":
+        return _nodes(args, config)
     sys.stdout.write(dump_yaml(config))
     return 0
 
@@ -311,6 +326,48 @@ def _ping(args: argparse.Namespace, config: MeshdConfig) -> int:
     return 0 if best is not None else 1
 
 
+def _nodes(args: argparse.Namespace, config: MeshdConfig) -> int:
+    import json
+    import urllib.error
+    import urllib.request
+
+    from meshd.control.nodes import render_nodes
+
+    address = args.address or config.control.metrics_address or config.relay.metrics_address
+    if not address:
+        raise UserError("no server metrics address: give --address HOST:PORT or set "
+                        "control.metricsAddress (or relay.metricsAddress)")
+    try:
+        where = HostPort.parse(address)
+    except ValueError as exc:
+        raise UserError(f"--address: {exc}") from None
+    # A listener on a wildcard address is reached on loopback.
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(where.host, where.host)
+    url = f"http://{HostPort(host, where.port)}/nodes"
+    try:
+        with urllib.request.urlopen(url, timeout=10) as resp:
+            doc = json.loads(resp.read())
+    except urllib.error.HTTPError as exc:  # the server answered: say what it said
+        try:
+            reason = json.loads(exc.read()).get("error") or exc.reason
+        except (ValueError, AttributeError, OSError):
+            reason = exc.reason
+        return _fail(f"{url}: {exc.code} {reason}")
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        reason = getattr(exc, "reason", exc)
+        return _fail(f"no meshd server answers at {url}: {reason}")
+    if not isinstance(doc, dict) or not isinstance(doc.get("nodes"), list):
+        return _fail(f"{url}: not a node list (is this a meshd server's metrics address?)")
+    print(json.dumps(doc, indent=2) if args.json else render_nodes(doc))
+    return 0
+
+
+def _fail(text: str) -> int:
+    """One line on stderr and exit 1: the server is down or refused (not the operator's input,
+    which is exit 2)."""
+    print(f"meshd: error: {text}", file=sys.stderr)
+    return 1
+
 
 # --- server -----------------------------------------------------------------------------------
 
@@ -343,8 +400,8 @@ def _server(args: argparse.Namespace, config: MeshdConfig) -> int:
         turn = relay.server_config(secrets, stun)
     except ValueError as exc:
         raise UserError(f"relay: {exc}") from None
-    asyncio.run(_with_control(control, lambda revoked: _serve_relay(stun, relay, turn,
-                                                                     revoked)))
+    asyncio.run(_with_control(control, lambda shared: _serve_relay(stun, relay, turn,
+                                                                    shared)))
     return 0
 
 
@@ -389,10 +446,10 @@ async def _serve(stun: StunConfig) -> None:
 
 
 async def _serve_relay(stun: StunConfig, relay: RelayConfig, turn: TurnServerConfig,
-                       revoked: RevocationWatcher | None = None) -> None:
-    """STUN + TURN until SIGINT/SIGTERM; with `revoked` (the control channel's revocation
-    list), revoked nodes lose their allocations and get 403 from the moment a list takes
-    effect."""
+                       shared: _InProcess) -> None:
+    """STUN + TURN until SIGINT/SIGTERM; with `shared.revoked` (the control channel's
+    revocation list), revoked nodes lose their allocations and get 403 from the moment a list
+    takes effect. The relay's metrics listener serves the node list too."""
     from meshd.turn.service import TurnService, start_metrics
 
     loop = asyncio.get_running_loop()
@@ -413,8 +470,10 @@ async def _serve_relay(stun: StunConfig, relay: RelayConfig, turn: TurnServerCon
         raise UserError(str(exc)) from None
     server, stun_core = service.server, service.stun
     assert server is not None and stun_core is not None
+    revoked = shared.revoked
     unsubscribe = (revoked.subscribe(lambda r: service.set_revoked_nodes(r.nodes))
                    if revoked is not None else None)
+    shared.relay = server
     runner = None
     try:
         if relay.metrics_address:
@@ -422,13 +481,15 @@ async def _serve_relay(stun: StunConfig, relay: RelayConfig, turn: TurnServerCon
                 where = HostPort.parse(relay.metrics_address)
                 runner = await start_metrics(where.host, where.port,
                                              lambda: server.samples() + service.io_samples()
-                                             + _stun_samples(stun_core))
+                                             + _stun_samples(stun_core),
+                                             routes=shared.routes())
             except BindError as exc:
                 raise UserError(str(exc)) from None
             for address in runner.addresses:
                 event(log, logging.INFO, "turn.metrics", address=f"{address[0]}:{address[1]}")
         await stop.wait()
     finally:
+        shared.relay = None
         if unsubscribe is not None:
             unsubscribe()
         if runner is not None:
@@ -516,14 +577,41 @@ def _control_settings(args: argparse.Namespace, config: MeshdConfig) -> _Control
     return _Control(control, core, tls, revoked)
 
 
+@dataclass
+class _InProcess:
+    """What the control channel and the relay of one `meshd server` share."""
+
+    revoked: RevocationWatcher | None = None
+    """Keeps the revocation list in force (None without `control.revokedFile`): the relay
+    subscribes to it."""
+    control: ControlServer | None = None
+    """The control core; None without the control channel."""
+    relay: TurnServer | None = None
+    """The TURN core while the relay runs (allocations per node for the node list)."""
+
+    def node_table(self) -> NodeTable:
+        """The control core's node list with the relay's allocations per node."""
+        assert self.control is not None
+        allocations = None
+        if self.relay is not None:  # its per-node gauge: the count the quota is checked on
+            allocations = {labels["node"]: value for name, labels, value
+                           in self.relay.samples() if name == "meshd_relay_node_allocations"}
+        return self.control.node_table(allocations)
+
+    def routes(self) -> list[web.RouteDef]:
+        """`/nodes` for a metrics listener (404s saying why without a control channel)."""
+        from meshd.control.service import node_routes
+
+        return node_routes(self.node_table if self.control is not None else None)
+
+
 async def _with_control(
         control: _Control | None,
-        serving: Callable[[RevocationWatcher | None], Coroutine[Any, Any, None]]) -> None:
-    """Run `serving(revoked)` (STUN, relay) with the control channel beside it when enabled;
-    `revoked` keeps the revocation list in force (None without `control.revokedFile`): the
-    relay subscribes to it."""
+        serving: Callable[[_InProcess], Coroutine[Any, Any, None]]) -> None:
+    """Run `serving(shared)` (STUN, relay) with the control channel beside it when enabled;
+    `shared` carries the revocation watcher and the control core to the relay."""
     if control is None:
-        await serving(None)
+        await serving(_InProcess())
         return
     from meshd.control.registry import REGISTRY_FILE, JsonRegistryStore, RegistryStoreError
     from meshd.control.server import ControlServer
@@ -552,6 +640,7 @@ async def _with_control(
         except BindError as exc:
             raise UserError(str(exc)) from None
         loop = asyncio.get_running_loop()
+        shared = _InProcess(control=server)
         watcher = None
         if control.revoked is not None:
             # No await since the listener started: in force before any connection is served.
@@ -559,18 +648,20 @@ async def _with_control(
             watcher.subscribe(service.set_revoked)
             watcher.start()
             loop.add_signal_handler(signal.SIGHUP, watcher.reload)
+            shared.revoked = watcher
         runner = None
         try:
             if control.config.metrics_address:
                 where = HostPort.parse(control.config.metrics_address)
                 try:
-                    runner = await start_metrics(where.host, where.port, server.samples)
+                    runner = await start_metrics(where.host, where.port, server.samples,
+                                                 routes=shared.routes())
                 except BindError as exc:
                     raise UserError(str(exc)) from None
                 for address in runner.addresses:
                     event(control_log, logging.INFO, "control.metrics",
                           address=f"{address[0]}:{address[1]}")
-            await serving(watcher)
+            await serving(shared)
         finally:
             if watcher is not None:
                 loop.remove_signal_handler(signal.SIGHUP)

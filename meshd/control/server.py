@@ -41,6 +41,9 @@ What it does:
   another one; in memory only: after a restart only node-name entries hide a node that has not
   reconnected). Lifting a revocation puts the node back (offline until it reconnects). The
   registry keeps its record and address throughout.
+- Node list (`node_table`, types in `meshd.control.nodes`): every node it knows with its
+  current or last session (connected at, last seen, remote address, certificate serial and
+  expiry, why it ended), NAT, revocation entries that refuse it.
 
 Session states (`TRANSITIONS`):
 
@@ -59,6 +62,7 @@ from dataclasses import dataclass, field
 from edgeweave.log import event
 from edgeweave.pki.identity import is_valid_node_name
 from edgeweave.ratelimit import TokenBucket
+from meshd.control.nodes import NodeListing, NodeState, NodeTable, SessionInfo, revocation_entry
 from meshd.control.registry import Registry, RegistryFull, RegistryStore, RegistryStoreError
 from meshd.control.wire import (
     CLIENT_MAX_FRAME,
@@ -87,6 +91,7 @@ from meshd.control.wire import (
 )
 from meshd.control.wire import Credentials as CredentialsMessage
 from meshd.turn.credentials import mint_credentials
+from meshd.udp import Address
 
 log = logging.getLogger("meshd.control")
 
@@ -98,6 +103,7 @@ REFUSAL_LOG_S = 60.0
 between (agents retry every few seconds) are counted and reported with the next warning
 (`refusals`)."""
 _REFUSAL_HOSTS = 1024  # hosts remembered for that; older entries go first
+_SOFTWARE_CHARS = 200  # of a hello's `software` kept for the node list (peer input)
 
 
 class RefusalLog:
@@ -289,6 +295,12 @@ class _Session:
     turn_refresh_at: float | None = None
     not_after: float | None = None  # the client certificate's expiry (Unix seconds)
     serial: int | None = None  # the client certificate's serial number
+    remote: Address | None = None  # where the connection came from (for the node list)
+    software: str = ""  # what the hello said the agent runs
+
+    def info(self, ended_at: float | None = None, reason: str | None = None) -> SessionInfo:
+        return SessionInfo(self.connected_at, self.last_rx, ended_at, reason, self.remote,
+                           self.serial, self.not_after, self.version, self.software)
 
     def move(self, what: str) -> None:
         self.state = TRANSITIONS[(self.state, what)]
@@ -311,6 +323,9 @@ class ControlServer:
         self._revoked_nodes: frozenset[str] = frozenset()
         self._revoked_serials: frozenset[int] = frozenset()
         self._last_serial: dict[str, int] = {}  # node -> serial of its last accepted hello
+        # node -> its last session that was active and ended (for the node list; one per
+        # registered node, in memory only)
+        self._ended: dict[str, SessionInfo] = {}
         self._refusals = RefusalLog()  # revoked nodes retry every few seconds
         for node in self.registry:
             info = self._info(node, online=False)
@@ -320,12 +335,12 @@ class ControlServer:
     # --- entry points ---------------------------------------------------------------------------
 
     def connection_made(self, conn: ConnectionId, node: str | None, now: float, *,
-                        not_after: float | None = None,
-                        serial: int | None = None) -> list[Output]:
+                        not_after: float | None = None, serial: int | None = None,
+                        remote: Address | None = None) -> list[Output]:
         """A connection passed TLS; `node` is the node name in its client certificate (None if
         the certificate names no node), `not_after` when that certificate expires (Unix
         seconds; the session is closed then), `serial` its serial number (checked against
-        the revocation list)."""
+        the revocation list), `remote` the address it came from (shown in the node list)."""
         self.metrics.connections_total += 1
         if node is None or not is_valid_node_name(node):
             self.metrics.auth_failures += 1
@@ -344,7 +359,7 @@ class ControlServer:
                                         FrameDecoder(self.config.max_frame),
                                         TokenBucket.full(self.config.signals_per_s,
                                                          self.config.signal_burst, now),
-                                        not_after=not_after, serial=serial)
+                                        not_after=not_after, serial=serial, remote=remote)
         if self._next_sweep is None:
             self._next_sweep = now + self.config.sweep_interval_s
         event(log, logging.DEBUG, "control.connect", conn=conn, node=node)
@@ -457,6 +472,35 @@ class ControlServer:
         left out)."""
         return dict(self._published)
 
+    def node_table(self, relay_allocations: Mapping[str, int] | None = None) -> NodeTable:
+        """Every node the server knows (registry, online, named by the revocation list), for
+        `GET /nodes`; `relay_allocations` (node -> allocations held) from the relay of the
+        same process, None without one."""
+        names = set(self.registry) | set(self._online) | self._revoked_nodes
+        listed = []
+        for node in sorted(names):
+            record = self.registry.get(node)
+            active = self._online.get(node)
+            revoked_by: list[str] = []
+            if node in self._revoked_nodes:
+                revoked_by.append(node)
+            serial = self._last_serial.get(node)
+            if serial is not None and serial in self._revoked_serials:
+                revoked_by.append(revocation_entry(serial))
+            state = (NodeState.REVOKED if revoked_by else
+                     NodeState.ONLINE if active is not None else NodeState.OFFLINE)
+            listed.append(NodeListing(
+                node, record.overlay if record is not None else None, state,
+                record.static_key if record is not None else None,
+                record.nat if record is not None else None,
+                active.info() if active is not None else self._ended.get(node),
+                tuple(revoked_by),
+                relay_allocations.get(node, 0) if relay_allocations is not None else None))
+        pending = sum(1 for s in self._sessions.values()
+                      if s.state is SessionState.AWAIT_HELLO)
+        return NodeTable(tuple(listed), self.config.overlay_network, self._revoked_nodes,
+                         self._revoked_serials, pending, relay_allocations is not None)
+
     def session_state(self, conn: ConnectionId) -> SessionState:
         """A connection's state (CLOSED when unknown)."""
         session = self._sessions.get(conn)
@@ -538,6 +582,7 @@ class ControlServer:
         session.move("hello")
         session.static_key = hello.static_key
         session.version = min(hello.version, PROTOCOL_VERSION)
+        session.software = hello.software[:_SOFTWARE_CHARS]
         if session.serial is not None:
             self._last_serial[node] = session.serial
         else:
@@ -716,6 +761,7 @@ class ControlServer:
             if announce:
                 self._publish(session.node, out)
         if was_active:
+            self._ended[session.node] = session.info(now, reason)
             event(log, logging.INFO, "control.bye", conn=session.conn, node=session.node,
                   reason=reason)
         if not self._sessions:

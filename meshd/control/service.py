@@ -36,10 +36,13 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from aiohttp import web
+
 from edgeweave.kube.client import load_kubeconfig
 from edgeweave.log import event
 from edgeweave.pki import ClientAuth, client_context, peer_identity, server_context
 from meshd.control.client import Close, ControlClient, ControlEvent, Dial, Send
+from meshd.control.nodes import NodeNotFound, NodesRequestError, NodeTable, nodes_document, select
 from meshd.control.revoked import Revocations, RevokedFile
 from meshd.control.server import (
     REFUSAL_LOG_S,
@@ -50,7 +53,7 @@ from meshd.control.server import (
     RefusalLog,
     SendFrame,
 )
-from meshd.udp import BindError
+from meshd.udp import BindError, canonical
 
 log = logging.getLogger("meshd.control")
 
@@ -60,7 +63,7 @@ _CLOSE_GRACE_S = 5.0  # a closed connection's queued bytes get this long to leav
 REVOKED_POLL_S = 2.0
 """How often the revocation list's mtime/size is looked at (SIGHUP re-reads at once)."""
 __all__ = ["REFUSAL_LOG_S", "REVOKED_POLL_S", "ControlConnector", "ControlService", "RefusalLog",
-           "RevocationWatcher", "agent_tls_context", "server_tls_context"]
+           "RevocationWatcher", "agent_tls_context", "node_routes", "server_tls_context"]
 
 
 def server_tls_context(cert_file: Path, key_file: Path, ca_file: Path) -> ssl.SSLContext:
@@ -238,8 +241,9 @@ class ControlService:
         self._writers[conn] = writer
         event(log, logging.DEBUG, "control.accepted", conn=conn, peer=where, node=node or "-",
               serial=f"{serial:x}" if serial is not None else "-")
+        remote = canonical(peer) if isinstance(peer, tuple) else None
         self._emit(self.server.connection_made(conn, node, self._clock(), not_after=not_after,
-                                               serial=serial))
+                                               serial=serial, remote=remote))
         try:
             while conn in self._writers:
                 data = await reader.read(_READ_SIZE)
@@ -345,6 +349,40 @@ class RevocationWatcher:
     def _announce(self, revocations: Revocations) -> None:
         event(log, logging.INFO, "control.revoked", nodes=len(revocations.nodes),
               serials=len(revocations.serials), file=self.file.path)
+
+
+def node_routes(table: Callable[[], NodeTable] | None, *,
+                clock: Callable[[], float] = time.time) -> list[web.RouteDef]:
+    """`GET /nodes` and `GET /nodes/{node}` for `meshd server`'s metrics listener: the JSON
+    node list of `table()`, whole or with one node's entry only (None: this server runs no
+    control channel, every request gets 404 saying so). Bad requests get a JSON
+    `{"error": ...}` with 400 (unknown parameter, bad `state`, not a node name) or 404
+    (unknown node)."""
+
+    def answer(request: web.Request, node: str | None) -> web.Response:
+        if table is None:
+            return _json_error(404, "this meshd server runs no control channel "
+                                    "(control.enabled is false): it has no node list")
+        current = table()
+        try:
+            listed = select(current, request.query, node)
+        except NodesRequestError as exc:
+            return _json_error(400, str(exc))
+        except NodeNotFound as exc:
+            return _json_error(404, str(exc))
+        return web.json_response(nodes_document(current, clock(), listed))
+
+    async def get_nodes(request: web.Request) -> web.Response:
+        return answer(request, None)
+
+    async def get_node(request: web.Request) -> web.Response:
+        return answer(request, request.match_info["node"])
+
+    return [web.get("/nodes", get_nodes), web.get("/nodes/{node}", get_node)]
+
+
+def _json_error(status: int, text: str) -> web.Response:
+    return web.json_response({"error": text}, status=status)
 
 
 # --- agent ---------------------------------------------------------------------------------------

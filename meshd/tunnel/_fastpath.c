@@ -65,25 +65,37 @@ enum {
     F_NEEDS_CSUM = 1,
     F_DATA_VALID = 2,
     GSO_NONE = 0,
+    GSO_TCPV4 = 1,
+    GSO_TCPV6 = 4,
+    GSO_UDP_L4 = 5,
+    GSO_ECN = 0x80,
     MIN_IPV4 = 20,
+    MAX_FRAGMENTS = 64,               /* wire.MAX_FRAGMENTS; also the kernel's UDP_MAX_SEGMENTS */
+    GSO_MAX_BYTES = 65000,            /* one GSO send's UDP payload at most (service.py's) */
     TUN_READ = VNET_HDR + 0xFFFF + 1, /* 65546: the largest frame and one byte */
     UDP_READ = 65535,                 /* what the Python reader asks for */
-    HEADROOM = 16,                    /* room for a header in front of a TUN read */
+    HEADROOM = 32,                    /* room for headers in front of a TUN read */
+    CHANNEL_HEADER = 4,               /* TURN ChannelData: channel, length (RFC 8656 §12.4) */
+    CHANNEL_MIN = 0x4000,             /* RFC 8656 §12: channel numbers 0x4000..0x4FFF */
+    CHANNEL_MAX = 0x4FFF,
     BATCH = 64,                       /* reads per fd per wake-up, for fairness */
     RETRY_MS = 50,                    /* an fd that failed is polled again after this */
     SOL_UDP_ = 17,
-    UDP_GRO_ = 104,                   /* linux/udp.h */
+    UDP_SEGMENT_ = 103,               /* linux/udp.h */
+    UDP_GRO_ = 104,
     ENTRY_OVERHEAD = 64,              /* what a queued entry costs besides its bytes */
 };
 
 /* Cumulative counters, in `counters()` order. */
 enum {
     C_TUN_READS, C_UDP_READS, C_FAST_TX, C_FAST_RX, C_HANDED_TUN, C_HANDED_UDP,
-    C_TUN_WRITE_ERRORS, C_SEND_ERRORS, C_REPLAY_RACES, C_PAUSED, C_AUTH_FAILED, N_COUNTS
+    C_TUN_WRITE_ERRORS, C_SEND_ERRORS, C_REPLAY_RACES, C_PAUSED, C_AUTH_FAILED, C_GSO_SENDS,
+    C_GRO_READS, N_COUNTS
 };
 static const char *const count_names[N_COUNTS] = {
     "tun_reads", "udp_reads", "fast_tx", "fast_rx", "handed_tun", "handed_udp",
-    "tun_write_errors", "send_errors", "replay_races", "paused", "auth_failed",
+    "tun_write_errors", "send_errors", "replay_races", "paused", "auth_failed", "gso_sends",
+    "gro_reads",
 };
 
 /* ---------------------------------------------------------------------------------------------
@@ -95,8 +107,14 @@ static int
 u64_arg(PyObject *obj, const char *name, uint64_t *out)
 {
     PyObject *index = PyNumber_Index(obj);
-    if (index == NULL)
+    if (index == NULL) {
+        if (PyErr_ExceptionMatches(PyExc_TypeError)) {
+            PyErr_Clear();
+            PyErr_Format(PyExc_TypeError, "%s must be an int, not %s", name,
+                         Py_TYPE(obj)->tp_name);
+        }
         return -1;
+    }
     unsigned long long value = PyLong_AsUnsignedLongLong(index);
     Py_DECREF(index);
     if (value == (unsigned long long)-1 && PyErr_Occurred()) {
@@ -199,6 +217,19 @@ static uint64_t
 load_be64(const uint8_t *p)
 {
     return (uint64_t)load_be32(p) << 32 | load_be32(p + 4);
+}
+
+static void
+store_be16(uint8_t *p, uint16_t v)
+{
+    p[0] = (uint8_t)(v >> 8);
+    p[1] = (uint8_t)v;
+}
+
+static unsigned
+load_be16(const uint8_t *p)
+{
+    return (unsigned)p[0] << 8 | p[1];
 }
 
 static void
@@ -551,6 +582,8 @@ typedef struct {
     bool has_endpoint;
     struct sockaddr_storage endpoint;
     socklen_t endpoint_len;
+    uint16_t channel;     /* nonzero: `endpoint` is our TURN server, and datagrams to and from
+                           * the peer travel in ChannelData of this channel (relayed path) */
     double send_until;    /* from here on TUN reads for this peer go to Python */
     double receive_until; /* ... and datagrams under its index too */
     /* since the last take_stats */
@@ -606,6 +639,8 @@ typedef struct {
     atomic_int error_errno;
     const char *error_where;
     atomic_int inject_errno; /* _fail_for_test: the thread's next poll fails with this */
+    atomic_bool no_gso; /* the kernel refused a UDP GSO send: messages of several parts go to
+                         * Python, which finds the same and sends them datagram by datagram */
 } FastPathObject;
 
 static PyTypeObject FastPathType;
@@ -715,25 +750,39 @@ aead_open(EVP_CIPHER_CTX *ctx, uint64_t counter, const uint8_t *in, size_t len, 
 
 /* -- frame and packet checks ------------------------------------------------------------------ */
 
-/* offload.check_frame for a frame whose gso_type is GSO_NONE (the only kind taken natively):
- * known flags, an IPv4/IPv6 packet, a partial checksum field inside the packet. */
+/* offload.check_frame: known flags, an IPv4/IPv6 packet, a GSO type that matches its IP version
+ * with a segment size and a partial checksum, a partial checksum field inside the packet. */
 static bool
-plain_frame_ok(const uint8_t *f, size_t len)
+frame_ok(const uint8_t *f, size_t len)
 {
-    if (len < VNET_HDR + MIN_IPV4 || f[1] != GSO_NONE)
+    if (len < VNET_HDR + MIN_IPV4)
         return false;
-    unsigned flags = f[0];
+    unsigned flags = f[0], kind = f[1] & ~(unsigned)GSO_ECN;
     if (flags & ~(unsigned)(F_NEEDS_CSUM | F_DATA_VALID))
         return false;
     unsigned version = f[VNET_HDR] >> 4;
-    if (version != 4 && version != 6)
+    if (kind != GSO_NONE) {
+        bool matches = (kind == GSO_TCPV4 && version == 4) || (kind == GSO_TCPV6 && version == 6)
+                       || (kind == GSO_UDP_L4 && (version == 4 || version == 6));
+        if (!matches || load_le16(f + 4) == 0 || !(flags & F_NEEDS_CSUM))
+            return false;
+    }
+    else if (version != 4 && version != 6) {
         return false;
+    }
     if (flags & F_NEEDS_CSUM) {
         size_t start = load_le16(f + 6), offset = load_le16(f + 8);
         if (start < MIN_IPV4 || VNET_HDR + start + offset + 2 > len)
             return false;
     }
     return true;
+}
+
+/* The frames a one-part message carries natively: no GSO (the ECN bit is a GSO type's). */
+static bool
+plain_frame_ok(const uint8_t *f, size_t len)
+{
+    return frame_ok(f, len) && f[1] == GSO_NONE;
 }
 
 /* The inner source check: an IPv4 packet from the peer's overlay address. */
@@ -766,6 +815,63 @@ udp_send(FastPathObject *fp, const uint8_t *data, size_t len, const struct socka
     } while (n < 0 && errno == EINTR);
     if (n < 0)
         count(fp, C_SEND_ERRORS);
+}
+
+/* Send a sealed message (`message`: its 15-byte 0xE4 header, then `len` bytes of ciphertext
+ * and tag) as `parts` fragments of fragment_part bytes (the last shorter) with one sendmsg: UDP
+ * GSO (Linux 4.18+) cuts it into datagrams of header + part bytes, as the Python adapter's
+ * `_send_segmented` does, so the peer's GRO reads the message whole. Scatter-gather: the headers
+ * come from a small array, the parts straight from the sealed frame. */
+static void
+send_message(FastPathObject *fp, const uint8_t *message, size_t len, size_t parts,
+             uint16_t channel, const struct sockaddr_storage *to, socklen_t to_len)
+{
+    uint8_t headers[MAX_FRAGMENTS][CHANNEL_HEADER + FRAGMENT_HEADER];
+    struct iovec iov[2 * MAX_FRAGMENTS];
+    size_t part = fp->fragment_part;
+    size_t wrap = channel ? CHANNEL_HEADER : 0; /* relayed: each fragment in ChannelData */
+    const uint8_t *sealed = message + FRAGMENT_HEADER;
+    for (size_t k = 0; k < parts; k++) {
+        size_t at = k * part, size = len - at < part ? len - at : part;
+        uint8_t *h = headers[k];
+        if (channel) {
+            store_be16(h, channel);
+            store_be16(h + 2, (uint16_t)(FRAGMENT_HEADER + size));
+        }
+        memcpy(h + wrap, message, FRAGMENT_HEADER);
+        h[wrap + 13] = (uint8_t)k;
+        iov[2 * k] = (struct iovec){.iov_base = h, .iov_len = wrap + FRAGMENT_HEADER};
+        iov[2 * k + 1] = (struct iovec){.iov_base = (void *)(sealed + at), .iov_len = size};
+    }
+    union {
+        char buf[CMSG_SPACE(sizeof(uint16_t))];
+        struct cmsghdr align;
+    } control;
+    memset(&control, 0, sizeof control);
+    struct msghdr msg = {
+        .msg_name = (void *)to, .msg_namelen = to_len, .msg_iov = iov,
+        .msg_iovlen = 2 * parts, .msg_control = control.buf,
+        .msg_controllen = sizeof control.buf,
+    };
+    struct cmsghdr *c = CMSG_FIRSTHDR(&msg);
+    c->cmsg_level = SOL_UDP_;
+    c->cmsg_type = UDP_SEGMENT_;
+    c->cmsg_len = CMSG_LEN(sizeof(uint16_t));
+    uint16_t segment = (uint16_t)(wrap + FRAGMENT_HEADER + part);
+    memcpy(CMSG_DATA(c), &segment, sizeof segment);
+    ssize_t n;
+    do {
+        n = sendmsg(fp->udp_fd, &msg, MSG_DONTWAIT);
+    } while (n < 0 && errno == EINTR);
+    if (n >= 0) {
+        count(fp, C_GSO_SENDS);
+        return;
+    }
+    /* A kernel or socket without UDP GSO (the Python adapter turns it off on the same errnos):
+     * this message is lost, later ones go to Python. Anything else (a full buffer): lost. */
+    if (errno == EIO || errno == EINVAL || errno == EOPNOTSUPP || errno == ENOPROTOOPT)
+        atomic_store(&fp->no_gso, true);
+    count(fp, C_SEND_ERRORS);
 }
 
 /* Queue a copy of a read for Python. */
@@ -838,13 +944,24 @@ send_native(FastPathObject *fp, uint8_t *buf, size_t n)
     if (!(now < p->send_until))
         goto python;
     bool fragment = false;
+    size_t parts = 1;
+    size_t wrap = p->channel ? CHANNEL_HEADER : 0; /* relayed: each datagram in ChannelData */
     if (fp->frames) {
         unsigned flags = buf[0], gso = buf[1];
         if (p->send_fragments) {
-            /* The whole frame, header included, as one 0xE4 part that fits one fragment. */
-            if (gso != GSO_NONE || flags & ~(unsigned)(F_NEEDS_CSUM | F_DATA_VALID)
-                || n + TAGLEN > fp->fragment_part)
+            /* The whole frame, header included, as one 0xE4 message. */
+            size_t part = fp->fragment_part;
+            parts = (n + TAGLEN + part - 1) / part;
+            if (parts == 1) { /* the short path the peer's thread takes too (receive_native) */
+                if (gso != GSO_NONE || flags & ~(unsigned)(F_NEEDS_CSUM | F_DATA_VALID))
+                    goto python;
+            }
+            /* Several parts: one GSO send (send_message), which the peer reads whole. */
+            else if (parts > MAX_FRAGMENTS
+                     || n + TAGLEN + parts * (wrap + FRAGMENT_HEADER) > GSO_MAX_BYTES
+                     || atomic_load_explicit(&fp->no_gso, memory_order_relaxed)) {
                 goto python;
+            }
             fragment = true;
         }
         else if (gso != GSO_NONE || flags != 0) { /* a partial checksum: Python completes it */
@@ -862,8 +979,8 @@ send_native(FastPathObject *fp, uint8_t *buf, size_t n)
     store_be32(message + 1, p->remote_index);
     store_be64(message + 5, counter);
     if (fragment) {
-        message[13] = 0; /* part 0 of 1 */
-        message[14] = 1;
+        message[13] = 0; /* part 0 of `parts` */
+        message[14] = (uint8_t)parts;
     }
     if (!aead_seal(p->k.seal, counter, plain, plain_len)) {
         pthread_mutex_unlock(&fp->peers_lock);
@@ -873,11 +990,24 @@ send_native(FastPathObject *fp, uint8_t *buf, size_t n)
     p->tx_packets++;
     p->tx_bytes += packet_len;
     p->last_tx = now;
+    uint16_t channel = p->channel;
     struct sockaddr_storage to = p->endpoint;
     socklen_t to_len = p->endpoint_len;
     pthread_mutex_unlock(&fp->peers_lock);
     count(fp, C_FAST_TX);
-    udp_send(fp, message, header + plain_len + TAGLEN, &to, to_len);
+    if (parts > 1) {
+        send_message(fp, message, plain_len + TAGLEN, parts, channel, &to, to_len);
+    }
+    else {
+        size_t len = header + plain_len + TAGLEN;
+        if (channel) { /* RFC 8656 §12.4; over UDP without padding (§12.5), as _TurnLink */
+            message -= CHANNEL_HEADER;
+            store_be16(message, channel);
+            store_be16(message + 2, (uint16_t)len);
+            len += CHANNEL_HEADER;
+        }
+        udp_send(fp, message, len, &to, to_len);
+    }
     return true;
 
 python:
@@ -885,11 +1015,114 @@ python:
     return false;
 }
 
+/* A ChannelData message of `n` bytes (n >= 4): its channel and the length of its data, which
+ * must fit; up to 3 bytes after it are padding (RFC 8656 §12.5: optional over UDP). */
+static bool
+unwrap_channel(const uint8_t *d, size_t n, unsigned *channel, size_t *length)
+{
+    size_t len = load_be16(d + 2);
+    if (CHANNEL_HEADER + len > n || n - CHANNEL_HEADER - len > 3)
+        return false;
+    *channel = load_be16(d);
+    *length = len;
+    return true;
+}
+
+static bool
+same_address(const struct sockaddr_storage *a, socklen_t a_len,
+             const struct sockaddr_storage *b, socklen_t b_len)
+{
+    if (a_len < (socklen_t)sizeof(sa_family_t) || a->ss_family != b->ss_family)
+        return false;
+    if (a->ss_family == AF_INET && a_len >= (socklen_t)sizeof(struct sockaddr_in)
+        && b_len >= (socklen_t)sizeof(struct sockaddr_in)) {
+        const struct sockaddr_in *x = (const void *)a, *y = (const void *)b;
+        return x->sin_port == y->sin_port && x->sin_addr.s_addr == y->sin_addr.s_addr;
+    }
+    if (a->ss_family == AF_INET6 && a_len >= (socklen_t)sizeof(struct sockaddr_in6)
+        && b_len >= (socklen_t)sizeof(struct sockaddr_in6)) {
+        const struct sockaddr_in6 *x = (const void *)a, *y = (const void *)b;
+        return x->sin6_port == y->sin6_port
+               && memcmp(&x->sin6_addr, &y->sin6_addr, sizeof x->sin6_addr) == 0;
+    }
+    return false;
+}
+
+/* A datagram's way in fits the route: a direct one (channel 0) always -- the keys decide --,
+ * ChannelData only on the route's own channel from its relay (what the Python path takes:
+ * TurnClient reads ChannelData from the server only, and the channel names the peer). */
+static bool
+relayed_ok(const Peer *p, unsigned channel, const struct sockaddr_storage *from,
+           socklen_t from_len)
+{
+    return channel == 0
+           || (channel == p->channel && p->has_endpoint
+               && same_address(from, from_len, &p->endpoint, p->endpoint_len));
+}
+
+/* The route a message under `index` and `counter` that came in by `channel` (0: directly) may
+ * be opened with natively: returned with peers_lock held, or NULL (unlocked) for Python. */
+static Peer *
+receiving_route(FastPathObject *fp, uint32_t index, uint64_t counter, unsigned channel,
+                const struct sockaddr_storage *from, socklen_t from_len, double *now)
+{
+    pthread_mutex_lock(&fp->peers_lock);
+    Peer *p = peer_by_index(fp, index);
+    if (p != NULL && relayed_ok(p, channel, from, from_len)) {
+        *now = monotonic_now();
+        if (*now < p->receive_until && replay_check(p->k.replay, counter))
+            return p;
+    }
+    pthread_mutex_unlock(&fp->peers_lock);
+    return NULL;
+}
+
+/* A message that failed authentication under `p`'s current keys (peers_lock held, released
+ * here): Python would open it again only to reach the same verdict (`auth-failed`), so it is
+ * dropped and counted for it. Other keypairs of the peer (previous, next) have other indexes:
+ * theirs go to Python. Nothing was marked. */
+static void
+drop_forged(FastPathObject *fp, Peer *p)
+{
+    p->auth_failed++;
+    pthread_mutex_unlock(&fp->peers_lock);
+    count(fp, C_AUTH_FAILED);
+}
+
+/* An opened and checked message (peers_lock held, released here): marked, counted for `p` and
+ * written to TUN. Marked before writing: Python may have opened the same counter from another
+ * copy since the check; then this copy is the duplicate and is dropped. */
+static void
+deliver(FastPathObject *fp, Peer *p, uint64_t counter, size_t inner, double now,
+        const uint8_t *out, size_t out_len, bool whole_read)
+{
+    if (!replay_mark(p->k.replay, counter)) {
+        pthread_mutex_unlock(&fp->peers_lock);
+        count(fp, C_REPLAY_RACES);
+        return;
+    }
+    p->rx_packets++;
+    p->rx_bytes += inner;
+    p->last_rx = now;
+    pthread_mutex_unlock(&fp->peers_lock);
+    count(fp, C_FAST_RX);
+    if (whole_read)
+        count(fp, C_GRO_READS);
+    tun_write(fp, out, out_len);
+}
+
 /* A datagram from the socket: opened and written to TUN (or dropped as a replay that lost a
  * race with Python), or false, with nothing changed, for Python to handle. */
 static bool
-receive_native(FastPathObject *fp, const uint8_t *d, size_t n)
+receive_native(FastPathObject *fp, const uint8_t *d, size_t n, const struct sockaddr_storage *from,
+               socklen_t from_len)
 {
+    unsigned channel = 0;
+    if (d[0] >= 0x40 && d[0] <= 0x7F) { /* ChannelData from the relay (RFC 8656 §12.4) */
+        if (n < CHANNEL_HEADER || !unwrap_channel(d, n, &channel, &n))
+            return false;
+        d += CHANNEL_HEADER;
+    }
     size_t header;
     if (n > DATA_HEADER + TAGLEN && d[0] == TYPE_DATA)
         header = DATA_HEADER;
@@ -904,21 +1137,12 @@ receive_native(FastPathObject *fp, const uint8_t *d, size_t n)
     const uint8_t *out;
     size_t out_len, inner;
 
-    pthread_mutex_lock(&fp->peers_lock);
-    Peer *p = peer_by_index(fp, index);
+    double now;
+    Peer *p = receiving_route(fp, index, counter, channel, from, from_len, &now);
     if (p == NULL)
-        goto python;
-    double now = monotonic_now();
-    if (!(now < p->receive_until) || !replay_check(p->k.replay, counter))
-        goto python;
+        return false;
     if (!aead_open(p->k.open, counter, d + header, len, plain)) {
-        /* Forged or corrupted under the current keys: Python would open it again only to
-         * reach the same verdict (`auth-failed`), so it is dropped here and counted for it.
-         * Other keypairs of the peer (previous, next) have other indexes: theirs go to
-         * Python. Nothing was marked. */
-        p->auth_failed++;
-        pthread_mutex_unlock(&fp->peers_lock);
-        count(fp, C_AUTH_FAILED);
+        drop_forged(fp, p);
         return true;
     }
     if (header == FRAGMENT_HEADER) { /* an offload frame */
@@ -952,24 +1176,97 @@ receive_native(FastPathObject *fp, const uint8_t *d, size_t n)
             out_len = len;
         }
     }
-    /* Mark before writing: Python may have opened the same counter from another copy since
-     * the check above; then this copy is the duplicate. */
-    if (!replay_mark(p->k.replay, counter)) {
-        pthread_mutex_unlock(&fp->peers_lock);
-        count(fp, C_REPLAY_RACES);
-        return true;
-    }
-    p->rx_packets++;
-    p->rx_bytes += inner;
-    p->last_rx = now;
-    pthread_mutex_unlock(&fp->peers_lock);
-    count(fp, C_FAST_RX);
-    tun_write(fp, out, out_len);
+    deliver(fp, p, counter, inner, now, out, out_len, false);
     return true;
 
 python:
     pthread_mutex_unlock(&fp->peers_lock);
     return false;
+}
+
+/* A GRO read (`segment`-byte datagrams, the last shorter) that is exactly the fragments of one
+ * 0xE4 message in order -- what one send_message (or the Python adapter's GSO send) arrives as,
+ * directly or each in ChannelData from our relay -- opened from its parts in place, checked
+ * (offload.check_frame, inner source) and written to TUN as one frame; or false, nothing
+ * changed, for Python (session.receive_message takes the same short way; its per-fragment path
+ * reassembles messages split over reads). */
+static bool
+receive_message_native(FastPathObject *fp, const uint8_t *d, size_t n, size_t segment,
+                       const struct sockaddr_storage *from, socklen_t from_len)
+{
+    if (!fp->frames || n <= segment || segment < CHANNEL_HEADER)
+        return false; /* without offloads Python cuts the frame into packets */
+    size_t parts = (n + segment - 1) / segment;
+    if (parts > MAX_FRAGMENTS)
+        return false;
+    bool wrapped = d[0] >= 0x40 && d[0] <= 0x7F;
+    unsigned channel = 0;
+    const uint8_t *frag[MAX_FRAGMENTS]; /* each fragment (its 0xE4 header) ... */
+    size_t size[MAX_FRAGMENTS];         /* ... and the bytes of its part after the header */
+    size_t sealed = 0;                  /* ciphertext and tag */
+    for (size_t k = 0; k < parts; k++) {
+        const uint8_t *f = d + k * segment;
+        size_t len = k == parts - 1 ? n - k * segment : segment;
+        if (wrapped) {
+            unsigned ch;
+            if (len < CHANNEL_HEADER || !unwrap_channel(f, len, &ch, &len)
+                || (k > 0 && ch != channel))
+                return false;
+            channel = ch;
+            f += CHANNEL_HEADER;
+        }
+        if (len <= FRAGMENT_HEADER || f[0] != TYPE_FRAGMENT || f[13] != k || f[14] != parts
+            || (k > 0 && memcmp(f, frag[0], 13) != 0))
+            return false;
+        frag[k] = f;
+        size[k] = len - FRAGMENT_HEADER;
+        sealed += size[k];
+    }
+    if (sealed < TAGLEN + VNET_HDR + MIN_IPV4 || sealed - TAGLEN > VNET_HDR + UDP_READ)
+        return false;
+    size_t len = sealed - TAGLEN;
+    uint32_t index = load_be32(frag[0] + 1);
+    uint64_t counter = load_be64(frag[0] + 5);
+    uint8_t *frame = fp->rx_buf;
+    uint8_t nonce[NONCELEN], tag[TAGLEN];
+    /* The tag is the last TAGLEN bytes of the joined parts: it may straddle the last two. */
+    size_t want = TAGLEN;
+    for (size_t k = parts; k-- > 0 && want;) {
+        size_t take = size[k] < want ? size[k] : want;
+        memcpy(tag + want - take, frag[k] + FRAGMENT_HEADER + size[k] - take, take);
+        want -= take;
+    }
+
+    double now;
+    Peer *p = receiving_route(fp, index, counter, channel, from, from_len, &now);
+    if (p == NULL)
+        return false;
+    EVP_CIPHER_CTX *ctx = p->k.open;
+    make_nonce(nonce, counter);
+    bool opened = EVP_DecryptInit_ex(ctx, NULL, NULL, NULL, nonce) == 1
+                  && EVP_CIPHER_CTX_ctrl(ctx, EVP_CTRL_AEAD_SET_TAG, TAGLEN, tag) == 1;
+    size_t at = 0; /* plaintext bytes so far */
+    for (size_t k = 0; opened && k < parts && at < len; k++) {
+        size_t take = len - at < size[k] ? len - at : size[k];
+        int outl = 0;
+        opened = EVP_DecryptUpdate(ctx, frame + at, &outl, frag[k] + FRAGMENT_HEADER,
+                                   (int)take) == 1;
+        at += (size_t)outl;
+    }
+    int final = 0;
+    opened = opened && EVP_DecryptFinal_ex(ctx, frame + at, &final) == 1
+             && at + (size_t)final == len;
+    if (!opened) {
+        drop_forged(fp, p);
+        return true;
+    }
+    if (!frame_ok(frame, len)
+        || (fp->check_source && !source_ok(frame + VNET_HDR, len - VNET_HDR, p->overlay))) {
+        pthread_mutex_unlock(&fp->peers_lock);
+        return false; /* Python opens it again, reaches the same verdict and counts it */
+    }
+    deliver(fp, p, counter, len - VNET_HDR, now, frame, len, true);
+    return true;
 }
 
 /* What a drain of one fd came to. */
@@ -1049,10 +1346,39 @@ read_udp(FastPathObject *fp, int *err)
                 memcpy(&segment, CMSG_DATA(c), sizeof(int));
         }
         size_t len = (size_t)n;
-        /* GRO joined datagrams of `segment` bytes: Python splits or takes them whole. */
+        /* GRO joined datagrams of `segment` bytes: one whole message is taken here, anything
+         * else Python splits or takes whole. */
         int seg = segment > 0 && (size_t)segment < len ? segment : 0;
-        if (seg || msg.msg_flags & MSG_TRUNC || atomic_load(&fp->udp_waiting) != 0
-            || atomic_load(&fp->udp_held) || !receive_native(fp, fp->udp_buf, len))
+        bool native = !(msg.msg_flags & MSG_TRUNC) && atomic_load(&fp->udp_waiting) == 0
+                      && !atomic_load(&fp->udp_held);
+        if (native && len > 0)
+            native = seg ? receive_message_native(fp, fp->udp_buf, len, (size_t)seg, &from,
+                                                  msg.msg_namelen)
+                         : receive_native(fp, fp->udp_buf, len, &from, msg.msg_namelen);
+        else
+            native = false;
+        if (!native && seg && atomic_load(&fp->udp_waiting) == 0 && !atomic_load(&fp->udp_held)
+            && !(msg.msg_flags & MSG_TRUNC)) {
+            /* Datagrams that are each a whole message (a relay's batch of small packets, TCP
+             * ACKs): taken one by one while they go natively; Python gets the rest of the read
+             * as a coalesced read of its own, after them. */
+            size_t at = 0;
+            while (at < len) {
+                size_t one = len - at < (size_t)seg ? len - at : (size_t)seg;
+                if (!receive_native(fp, fp->udp_buf + at, one, &from, msg.msg_namelen))
+                    break;
+                at += one;
+            }
+            if (at > 0) {
+                native = true;
+                if (at < len) {
+                    size_t rest = len - at;
+                    hand_off(fp, false, fp->udp_buf + at, rest,
+                             (size_t)seg < rest ? seg : 0, &from, msg.msg_namelen);
+                }
+            }
+        }
+        if (!native)
             hand_off(fp, false, fp->udp_buf, len, seg, &from, msg.msg_namelen);
         if (atomic_load(&fp->paused))
             break;
@@ -1582,18 +1908,20 @@ FastPath_set_peer(FastPathObject *fp, PyObject *args, PyObject *kwds)
 {
     static char *kwlist[] = {"key", "overlay", "remote_index", "send_key", "counter",
                              "send_limit", "send_fragments", "local_index", "receive_key",
-                             "replay", "endpoint", "send_until", "receive_until", NULL};
+                             "replay", "endpoint", "send_until", "receive_until", "channel",
+                             NULL};
     enum { OVERLAY, REMOTE_INDEX, SEND_KEY, COUNTER, SEND_LIMIT, SEND_FRAGMENTS, LOCAL_INDEX,
-           RECEIVE_KEY, REPLAY, ENDPOINT, SEND_UNTIL, RECEIVE_UNTIL, N_ARGS };
+           RECEIVE_KEY, REPLAY, ENDPOINT, SEND_UNTIL, RECEIVE_UNTIL, N_REQUIRED, CHANNEL = N_REQUIRED,
+           N_ARGS };
     PyObject *a[N_ARGS] = {NULL};
     long long key;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "L|$OOOOOOOOOOOO:set_peer", kwlist, &key,
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "L|$OOOOOOOOOOOOO:set_peer", kwlist, &key,
                                      &a[OVERLAY], &a[REMOTE_INDEX], &a[SEND_KEY], &a[COUNTER],
                                      &a[SEND_LIMIT], &a[SEND_FRAGMENTS], &a[LOCAL_INDEX],
                                      &a[RECEIVE_KEY], &a[REPLAY], &a[ENDPOINT], &a[SEND_UNTIL],
-                                     &a[RECEIVE_UNTIL]))
+                                     &a[RECEIVE_UNTIL], &a[CHANNEL]))
         return NULL;
-    for (int i = 0; i < N_ARGS; i++)
+    for (int i = 0; i < N_REQUIRED; i++)
         if (a[i] == NULL)
             return required_missing("set_peer", kwlist[i + 1]);
     if (fp->closed)
@@ -1635,6 +1963,18 @@ FastPath_set_peer(FastPathObject *fp, PyObject *args, PyObject *kwds)
         if (endpoint_arg(fp, a[ENDPOINT], &np.endpoint, &np.endpoint_len) < 0)
             return NULL;
         np.has_endpoint = true;
+    }
+    if (a[CHANNEL] != NULL && a[CHANNEL] != Py_None) { /* a relayed path: endpoint = relay */
+        uint64_t channel;
+        if (u64_arg(a[CHANNEL], "channel", &channel) < 0)
+            return NULL;
+        if (channel < CHANNEL_MIN || channel > CHANNEL_MAX)
+            return PyErr_Format(PyExc_ValueError,
+                                "channel %llu out of range (0x4000..0x4FFF, RFC 8656 section 12)",
+                                (unsigned long long)channel);
+        if (!np.has_endpoint)
+            return PyErr_Format(PyExc_ValueError, "channel needs an endpoint (the relay)");
+        np.channel = (uint16_t)channel;
     }
     if (bytes_arg(a[SEND_KEY], "send_key", send_key, KEYLEN) < 0)
         return NULL;

@@ -101,14 +101,16 @@ class FastPath:
         self, key: int, *, overlay: bytes, remote_index: int, send_key: bytes,
         counter: Counter, send_limit: int, send_fragments: bool, local_index: int,
         receive_key: bytes, replay: ReplayWindow, endpoint: _Source | None,
-        send_until: float, receive_until: float,
+        send_until: float, receive_until: float, channel: int | None = None,
     ) -> None:
         """Install or replace peer `key`'s route (key: a signed 64-bit int). `overlay`: its
         4-byte IPv4 overlay address; keys 32 bytes; packets are sent natively while
         `counter.value < send_limit`; `send_until` / `receive_until`: time.monotonic()
         seconds from which TUN reads for this peer / datagrams under `local_index` go to
         Python; `endpoint` None: receive natively, never send (an IPv4 endpoint on an AF_INET6
-        socket is reached through its mapped address)."""
+        socket is reached through its mapped address). `channel` (0x4000..0x4FFF): a relayed
+        path, `endpoint` is our TURN server and every datagram to and from the peer travels in
+        ChannelData of this channel (RFC 8656 §12.4)."""
 
     def remove_peer(self, key: int) -> None:
         """Remove peer `key`'s route (no error if absent)."""
@@ -118,7 +120,9 @@ class FastPath:
 
     def counters(self) -> dict[str, int]:
         """Cumulative: tun_reads, udp_reads, fast_tx, fast_rx, handed_tun, handed_udp,
-        tun_write_errors, send_errors, replay_races, paused, auth_failed."""
+        tun_write_errors, send_errors, replay_races, paused, auth_failed, gso_sends (messages
+        of several parts sent with one UDP GSO sendmsg), gro_reads (coalesced reads taken as
+        one whole message)."""
 
     @property
     def error(self) -> OSError | None:

@@ -121,19 +121,23 @@ class FastRoute:
     receive_key: bytes = field(repr=False)
     replay: Replay
     endpoint: Address | None
-    """Where datagrams go (a direct path from the tunnel socket); None: receive only."""
+    """Where datagrams go (a direct path from the tunnel socket, or our TURN server for a
+    relayed one); None: receive only."""
     send_until: float
     """Caller's clock: from here on Python sends for this peer (the initiator's rekey on send,
     expiry)."""
     receive_until: float
     """Caller's clock: from here on Python opens what the peer sends under these keys (the
     initiator's rekey on receive, expiry)."""
+    channel: int | None = None
+    """A relayed path through a TURN channel bound on our allocation: datagrams go to
+    `endpoint` (the server) in ChannelData of this channel, and come back in it."""
 
     def same_keys(self, other: FastRoute) -> bool:
-        """The same keypair and endpoint (only the deadlines may differ, which move with
+        """The same keypair and path (only the deadlines may differ, which move with
         nothing but the keys)."""
         return (self.local_index == other.local_index and self.counter is other.counter
-                and self.endpoint == other.endpoint
+                and self.endpoint == other.endpoint and self.channel == other.channel
                 and self.send_fragments == other.send_fragments)
 
 

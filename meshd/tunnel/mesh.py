@@ -136,6 +136,7 @@ from meshd.turn.client import (
     TurnClient,
     TurnClientConfig,
 )
+from meshd.turn.server import Transport
 from meshd.udp import Address, Read, Transmit, format_address, split_read
 
 log = logging.getLogger("meshd.tunnel")
@@ -940,8 +941,10 @@ class MeshNode:
 
     def fast_routes(self, now: float) -> dict[str, FastRoute]:
         """Per peer with usable keys, what the fast path may carry for it: its current keys,
-        and the remote address of its direct path when that leaves from the tunnel socket
-        (relayed and guessed paths stay Python's). The adapter installs these after every
+        and where to send: the remote address of its direct path when that leaves from the
+        tunnel socket, or our TURN server and the channel bound to the peer's relayed address
+        when it is relayed through a UDP allocation of the tunnel socket (guessed paths, Send
+        indications and TURN over TCP stay Python's). The adapter installs these after every
         full round; they change only with handshakes, expiry and path changes."""
         endpoint = self.endpoint
         routes: dict[str, FastRoute] = {}
@@ -953,13 +956,33 @@ class MeshNode:
                 continue
             direct = peer.direct
             remote = direct[1] if direct is not None and direct[0] == self.local else None
-            route = session.fast_route(now, remote)
+            channel: int | None = None
+            if remote is None and (relayed := self._relay_route(peer)) is not None:
+                remote, channel = relayed
+            route = session.fast_route(now, remote, channel)
             # Only while the keys' overlay address is still the peer's in the registry: after
             # a move the old address may belong to another node (send_packets follows the
             # registry; the thread would follow the keys until the next handshake).
             if route is not None and self._route.get(route.overlay) == name:
                 routes[name] = route
         return routes
+
+    def _relay_route(self, peer: _Peer) -> tuple[Address, int | None] | None:
+        """Where the fast path sends on `peer`'s relayed path: (the peer's relayed address,
+        None) when we send to it from the tunnel socket (the peer's relay wraps it); (our TURN
+        server, channel) when we send through a channel bound on our allocation, which the
+        tunnel socket holds over UDP; else None (Send indications, TURN over TCP)."""
+        path = peer.machine.current_path()
+        if path.kind is not PathKind.RELAY or path.remote is None:
+            return None
+        if path.local == self.local:
+            return path.remote, None
+        link = self._link
+        if (link is None or path.local != link.relayed_address or link.turn.local != self.local
+                or link.turn.config.transport is not Transport.UDP):
+            return None
+        header = link.channel_of.get(path.remote)
+        return None if header is None else (link.turn.server, int.from_bytes(header, "big"))
 
     def fast_stats(self, name: str, stats: FastStats) -> None:
         """What the fast path carried for `name` since its last report: counted as if
@@ -980,10 +1003,15 @@ class MeshNode:
             return
         peer.machine.data_sent(stats.last_tx)
         peer.last_data = max(peer.last_data, stats.last_tx)
-        if peer.path == "direct":
+        if peer.path in ("direct", "relay"):
             frames = self._tun_frames and session.stats().peer_fragments
             overhead = FRAGMENT_HEADER.size + TAGLEN + VNET_HDR_LEN if frames else DATA_OVERHEAD
-            self.metrics.direct_bytes_out += stats.tx_bytes + overhead * stats.tx_packets
+            if peer.path == "direct":
+                self.metrics.direct_bytes_out += stats.tx_bytes + overhead * stats.tx_packets
+            else:  # what _TurnLink counts: datagrams in their ChannelData, both ways
+                overhead += 4
+                self.metrics.relay_bytes_out += stats.tx_bytes + overhead * stats.tx_packets
+                self.metrics.relay_bytes_in += stats.rx_bytes + overhead * stats.rx_packets
 
     def _transmit(self, peer: _Peer, datagram: bytes, now: float, out: list[Transmit]) -> None:
         t = peer.machine.transmit(datagram, now)

@@ -225,6 +225,7 @@ class TunnelService:
         self.gso_sends = 0
         """`sendmsg` calls that carried a run of datagrams."""
         self.gro_reads = 0
+        self._native_whole_reads = 0  # whole 0xE4 messages a stopped fast path took
         """Reads that brought several coalesced datagrams (UDP GRO)."""
         self._sock = sock
         self._poll = select.poll()
@@ -436,6 +437,10 @@ class TunnelService:
         if self._fast_tick is not None:
             self._fast_tick.cancel()
             self._fast_tick = None
+        counts = fast.counters()  # its batched sends and whole-message reads stay counted
+        self.gso_sends += counts["gso_sends"]
+        self.gro_reads += counts["gro_reads"]
+        self._native_whole_reads += counts["gro_reads"]
         fast.close()  # joins the thread (it has returned)
         self._fast_stats(self._loop.time())
         self.fast = None
@@ -508,7 +513,7 @@ class TunnelService:
                     local_index=route.local_index, receive_key=route.receive_key,
                     replay=route.replay, endpoint=route.endpoint,
                     send_until=route.send_until + offset,
-                    receive_until=route.receive_until + offset)
+                    receive_until=route.receive_until + offset, channel=route.channel)
             except (ValueError, TypeError, MemoryError, RuntimeError) as exc:  # Python's peer
                 event(log, logging.WARNING, "tunnel.fast_route_refused", peer=name, error=exc)
                 if old is not None:
@@ -798,6 +803,9 @@ class TunnelService:
     def metrics_samples(self) -> list[tuple[str, dict[str, str], float]]:
         """`meshd_tunnel_*` samples for `/metrics`."""
         m = self.node.metrics
+        # The fast path's own GSO sends and whole-message reads (bulk frames, natively).
+        native = self.fast.counters() if self.fast is not None else {"gso_sends": 0,
+                                                                      "gro_reads": 0}
         out: list[tuple[str, dict[str, str], float]] = []
         for (nat, peer_nat), n in sorted(m.punch_attempts.items()):
             out.append(("meshd_tunnel_punch_attempts_total", {"nat": nat, "peerNat": peer_nat},
@@ -835,9 +843,9 @@ class TunnelService:
             ("meshd_tunnel_no_route_total", {}, m.no_route),
             ("meshd_tunnel_garbage_total", {}, m.garbage),
             ("meshd_tunnel_send_errors_total", {}, self.send_errors),
-            ("meshd_tunnel_gso_sends_total", {}, self.gso_sends),
-            ("meshd_tunnel_gro_reads_total", {}, self.gro_reads),
-            ("meshd_tunnel_whole_reads_total", {}, self._whole_reads()),
+            ("meshd_tunnel_gso_sends_total", {}, self.gso_sends + native["gso_sends"]),
+            ("meshd_tunnel_gro_reads_total", {}, self.gro_reads + native["gro_reads"]),
+            ("meshd_tunnel_whole_reads_total", {}, self._whole_reads() + native["gro_reads"]),
             ("meshd_tunnel_tun_drops_total", {}, self.tun_drops),
         ]
         if self.fast is not None:
@@ -869,11 +877,13 @@ class TunnelService:
         return out
 
     def _whole_reads(self) -> int:
-        """Coalesced reads that were one whole 0xE4 message (taken without splitting)."""
+        """Coalesced reads that were one whole 0xE4 message (taken without splitting) in
+        Python, including those of a fast path that has stopped."""
         endpoint = self.node.endpoint
         if endpoint is None:
-            return 0
-        return sum(s.stats().messages_whole for s in endpoint.sessions.values())
+            return self._native_whole_reads
+        return self._native_whole_reads + sum(
+            s.stats().messages_whole for s in endpoint.sessions.values())
 
     def connect_address(self, node: str, port: int) -> Address | None:
         """`PeerDirectory` helper: the peer's overlay address and `port`, if online."""

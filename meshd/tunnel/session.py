@@ -1367,10 +1367,12 @@ class TunnelSession:
         self._unanswered_since = self._unanswered_receive = None
         self._fire(Trigger.CLOSE)
 
-    def fast_route(self, now: float, endpoint: tuple[str, int] | None) -> FastRoute | None:
-        """What the native fast path needs to carry this session's lone data packets: the
-        current keys while they need no Python (no rekey due, not expired), for an IPv4 peer;
-        None otherwise. `endpoint`: the direct path's remote address, None to receive only."""
+    def fast_route(self, now: float, endpoint: tuple[str, int] | None,
+                   channel: int | None = None) -> FastRoute | None:
+        """What the native fast path needs to carry this session's data: the current keys
+        while they need no Python (no rekey due, not expired), for an IPv4 peer; None
+        otherwise. `endpoint`: the direct path's remote address, or with `channel` our TURN
+        server (a relayed path through that channel); None to receive only."""
         kp = self._current
         if kp is None or kp.source_version != 4 or now >= kp.reject_at:
             return None
@@ -1389,7 +1391,8 @@ class TunnelSession:
             send_limit=min(config.rekey_after_messages, config.reject_after_messages),
             send_fragments=kp.fragments, local_index=kp.local_index,
             receive_key=kp.receive_key, replay=kp.replay, endpoint=endpoint,
-            send_until=send_until, receive_until=receive_until)
+            send_until=send_until, receive_until=receive_until,
+            channel=channel if endpoint is not None else None)
 
     def fast_account(self, stats: FastStats) -> None:
         """Count what the fast path carried for this session (keepalive timers see it) and

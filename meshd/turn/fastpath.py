@@ -140,6 +140,11 @@ class Batcher:
                              if len(chunk) > segment else Transmit(source, destination,
                                                                     bytes(chunk)))
 
+    def end_run(self) -> None:
+        """Close the open run: datagrams queued from now on never join those before."""
+        if self._parts:
+            self._close()
+
     def finish(self) -> list[Transmit | TransmitBatch]:
         """Everything queued, in order; the batcher is empty afterwards."""
         if self._parts:

@@ -398,13 +398,27 @@ class TurnServer:
             self.handle_timer(now)
         batcher = Batcher()
         others: list[Output] = []
+        # A coalesced read is one GSO send of its source (or the tail of one): its datagrams
+        # leave as runs of their own, never joined with other reads', so a unit the sender
+        # chose stays one (a meshd tunnel message of several fragments, which the receiving
+        # agent opens whole when one read brings it all).
         allocation = self._by_relay.get(local)
         if allocation is not None:
             for data, segment, source in reads:
+                burst = 0 < segment < len(data)
+                if burst:
+                    batcher.end_run()
                 self._peer_read(allocation, data, segment, source, now, batcher, others)
+                if burst:
+                    batcher.end_run()
         elif local in self._listening:
             for data, segment, source in reads:
+                burst = 0 < segment < len(data)
+                if burst:
+                    batcher.end_run()
                 self._client_read(data, segment, source, local, now, batcher, others)
+                if burst:
+                    batcher.end_run()
         else:
             for data, segment, _ in reads:
                 self.metrics.dropped_no_allocation += read_count(len(data), segment)
@@ -922,10 +936,12 @@ class TurnServer:
     def _client_uniform(self, data: bytes, segment: int, source: Address, local: Address,
                         now: float, batcher: Batcher, others: list[Output]) -> int:
         """The usual coalesced read: every full-size datagram is ChannelData with the same
-        4-byte header (one channel, Length = segment - 4, no padding). Checked with four
-        strided slices instead of a loop; then one lookup and one run for all of them.
-        Returns the bytes handled (0: not such a read, or nothing to do; the per-datagram loop
-        takes the rest, e.g. a shorter last datagram)."""
+        4-byte header (one channel, Length = segment - 4, no padding), and a shorter last one,
+        if any, is ChannelData of that channel filling its datagram. Checked with four strided
+        slices instead of a loop; then one lookup and one run for all of them, so the read
+        leaves as one send (a GSO send stays one: a meshd tunnel message the receiving agent
+        opens whole). Returns the bytes handled (0: not such a read, or nothing to do; the
+        per-datagram loop takes the rest, e.g. a shorter last datagram of another shape)."""
         header = data[:4]
         count = len(data) // segment  # full-size datagrams
         # A segment under the 4-byte header cannot be ChannelData (a GRO read of tiny
@@ -943,20 +959,28 @@ class TurnServer:
         route = self._channel_route(allocation, header[0] << 8 | header[1], now)
         if route is None:
             return 0
-        self.metrics.datagrams_out += count
-        self.metrics.bytes_out += count * (segment - 4)
+        tail = len(data) - end
+        if tail and not (tail >= 4 and data[end : end + 2] == header[:2]
+                         and data[end + 2] << 8 | data[end + 3] == tail - 4):
+            tail = 0  # the loop takes it
+        self.metrics.datagrams_out += count + (tail > 0)
+        self.metrics.bytes_out += count * (segment - 4) + max(tail - 4, 0)
         if route[1] is not None and self._rewrite_locally(allocation, route[1], data, segment,
-                                                          count, now, batcher):
-            return end
+                                                          count, tail, now, batcher):
+            return end + tail
         payloads = [data[i + 4 : i + segment] for i in range(0, end, segment)]
+        if tail:
+            payloads.append(data[end + 4 :])
         self._send_run(allocation, route, payloads, now, batcher, others)
-        return end
+        return end + tail
 
     def _rewrite_locally(self, allocation: _Allocation, target: _Allocation, data: bytes,
-                         segment: int, count: int, now: float, batcher: Batcher) -> bool:
+                         segment: int, count: int, tail: int, now: float,
+                         batcher: Batcher) -> bool:
         """Relay to relay, the usual case: `count` ChannelData messages of one channel and size
-        become `target`'s client's ChannelData by rewriting the 4 header bytes of each in a copy
-        of the read (the payloads stay where they are). Only when `target` has a live channel
+        (and a shorter last one of `tail` bytes, 0: none) become `target`'s client's
+        ChannelData by rewriting the 4 header bytes of each in a copy of the read (the payloads
+        stay where they are). Only when `target` has a live channel
         and permission for `allocation`'s relayed address and a UDP client (and no rate limit
         applies: the caller checks); False leaves it to `_send_run`."""
         source = allocation.relay
@@ -968,14 +992,16 @@ class TurnServer:
             return False
         out = bytearray(data)
         end = count * segment
-        del out[end:]
+        del out[end + tail :]
         header = CHANNEL_HEADER.pack(number, segment - 4)
         for k in range(4):
             out[k:end:segment] = header[k : k + 1] * count
+        if tail:
+            out[end : end + 4] = CHANNEL_HEADER.pack(number, tail - 4)
         metrics = self.metrics
-        metrics.relayed_locally += count
-        metrics.datagrams_in += count
-        metrics.bytes_in += count * (segment - 4)
+        metrics.relayed_locally += count + (tail > 0)
+        metrics.datagrams_in += count + (tail > 0)
+        metrics.bytes_in += count * (segment - 4) + max(tail - 4, 0)
         batcher.add_block(target.flow.server, target.flow.client, out, segment)
         return True
 

@@ -395,9 +395,10 @@ Samples = list[tuple[str, dict[str, str], int]]
 """Prometheus samples: (name, labels, value)."""
 
 
-async def start_metrics(host: str, port: int, samples: Callable[[], Samples]) -> web.AppRunner:
+async def start_metrics(host: str, port: int, samples: Callable[[], Samples], *,
+                        routes: Iterable[web.RouteDef] = ()) -> web.AppRunner:
     """Serve `GET /metrics` (Prometheus text) and `/healthz` on `host:port` (0: any port; see
-    `runner.addresses`). Raises `BindError`."""
+    `runner.addresses`), plus `routes` (`meshd server`'s `/nodes`). Raises `BindError`."""
     from meshd.status import prometheus_samples
 
     async def metrics(_: web.Request) -> web.Response:
@@ -410,6 +411,7 @@ async def start_metrics(host: str, port: int, samples: Callable[[], Samples]) ->
     app = web.Application()
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/healthz", healthz)
+    app.router.add_routes(routes)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     try:

@@ -82,6 +82,30 @@ def fragment_datagram(key: bytes, index: int, counter: int, message: bytes) -> b
     return FRAGMENT_HEADER.pack(TYPE_FRAGMENT, index, counter, 0, 1) + seal(key, counter, message)
 
 
+def message_datagrams(key: bytes, index: int, counter: int, message: bytes,
+                      part: int) -> list[bytes]:
+    """The 0xE4 fragments of one message, as TunnelSession._seal_frames cuts it."""
+    sealed = seal(key, counter, message)
+    count = -(-len(sealed) // part)
+    return [FRAGMENT_HEADER.pack(TYPE_FRAGMENT, index, counter, k, count)
+            + sealed[k * part:(k + 1) * part] for k in range(count)]
+
+
+def join_message(key: bytes, datagrams: list[bytes]) -> tuple[int, bytes]:
+    """(counter, opened message) of the fragments of one message, checking their headers."""
+    _, index, counter, _, count = FRAGMENT_HEADER.unpack_from(datagrams[0])
+    assert len(datagrams) == count
+    for k, d in enumerate(datagrams):
+        assert FRAGMENT_HEADER.unpack_from(d) == (TYPE_FRAGMENT, index, counter, k, count)
+    sealed = b"".join(d[FRAGMENT_HEADER.size:] for d in datagrams)
+    return counter, ChaCha20Poly1305(key).decrypt(NONCE.pack(counter), sealed, None)
+
+
+def gso_frame(packet: bytes, gso: int = GSO_TCPV4, gso_size: int = 1340) -> bytes:
+    """A super-packet's frame as the kernel's TCP hands it to mesh0 (partial checksum)."""
+    return VNET_HDR.pack(F_NEEDS_CSUM, gso, 40, gso_size, 20, 16) + packet
+
+
 @dataclass
 class Rig:
     """A started FastPath between a fake TUN and a loopback UDP socket, and the peer's socket."""
@@ -92,6 +116,7 @@ class Rig:
     queue_bytes: int = 8 << 20
     seed: int = 1
     family: int = socket.AF_INET
+    gro: bool = False
     sock: socket.socket = field(init=False)
     peer: socket.socket = field(init=False)
     kernel: socket.socket = field(init=False)
@@ -109,6 +134,8 @@ class Rig:
         self.sock = socket.socket(self.family, socket.SOCK_DGRAM)
         self.sock.bind((host, 0))
         self.sock.setblocking(False)
+        if self.gro:  # as the agent's tunnel socket: coalesced reads
+            self.sock.setsockopt(SOL_UDP, UDP_GRO, 1)
         self.peer = socket.socket(self.family, socket.SOCK_DGRAM)
         self.peer.bind((host, 0))
         self.peer.settimeout(TIMEOUT)
@@ -364,16 +391,69 @@ def test_frame_from_tun_goes_out_as_one_fragment(rigs: list[Rig]) -> None:
 
 
 def test_fragment_size_limit_is_exact(rigs: list[Rig]) -> None:
-    """A sealed frame of exactly fragment_part bytes goes natively; one byte more to Python."""
+    """A sealed frame of exactly fragment_part bytes goes as one part; one byte more as two."""
     rig = make(rigs, frames=True, fragment_part=1406)
     rig.install(send_fragments=True)
     fits = frame(ipv4(OWN_OVERLAY, PEER_OVERLAY, bytes(1406 - 16 - 10 - 28)))
     assert len(fits) + 16 == 1406
     rig.kernel.send(fits)
     assert len(rig.sent()) == FRAGMENT_HEADER.size + 1406
-    too_big = frame(ipv4(OWN_OVERLAY, PEER_OVERLAY, bytes(1406 - 16 - 10 - 28 + 1)))
-    rig.kernel.send(too_big)
-    assert rig.handed(tun=1)[0] == [too_big]
+    two = frame(ipv4(OWN_OVERLAY, PEER_OVERLAY, bytes(1406 - 16 - 10 - 28 + 1)))
+    rig.kernel.send(two)
+    sent = [rig.sent(), rig.sent()]
+    assert [len(d) for d in sent] == [FRAGMENT_HEADER.size + 1406, FRAGMENT_HEADER.size + 1]
+    assert join_message(rig.send_key, sent) == (1, two)
+
+
+def test_a_super_packet_goes_out_as_one_message_in_one_gso_send(rigs: list[Rig]) -> None:
+    """A 64 KB GSO frame: sealed once, cut into parts of fragment_part bytes and sent with one
+    sendmsg (UDP_SEGMENT), which a GRO socket reads back as one coalesced read."""
+    rig = make(rigs, frames=True)
+    rig.install(send_fragments=True)
+    try:
+        rig.peer.setsockopt(SOL_UDP, UDP_GRO, 1)
+    except OSError:
+        pytest.skip("no UDP GRO on this kernel")
+    big = gso_frame(ipv4(OWN_OVERLAY, PEER_OVERLAY, bytes(range(256)) * 240))
+    assert len(big) > 60_000
+    rig.kernel.send(big)
+    data, control, _, source = rig.peer.recvmsg(70000, socket.CMSG_SPACE(4))
+    assert source == rig.address
+    segment = next(int.from_bytes(d, sys.byteorder) for level, kind, d in control
+                   if (level, kind) == (SOL_UDP, UDP_GRO))
+    assert segment == FRAGMENT_HEADER.size + FRAGMENT_PART
+    datagrams = [data[k:k + segment] for k in range(0, len(data), segment)]
+    assert len(datagrams) == -(-(len(big) + 16) // FRAGMENT_PART)
+    assert join_message(rig.send_key, datagrams) == (0, big)
+    wait_for(lambda: rig.fp.counters()["gso_sends"] == 1)  # counted once sendmsg returned
+    counts = rig.fp.counters()
+    assert (counts["fast_tx"], counts["gso_sends"], counts["handed_tun"]) == (1, 1, 0)
+    assert rig.fp.take_stats()[KEY][:2] == (1, len(big) - 10)
+
+
+def test_frames_too_large_for_one_gso_send_go_to_python(rigs: list[Rig]) -> None:
+    """More than 64 parts, or more than one GSO send's 65,000 bytes: Python's business."""
+    rig = make(rigs, frames=True, fragment_part=900)
+    rig.install(send_fragments=True)
+    ok = gso_frame(ipv4(OWN_OVERLAY, PEER_OVERLAY, bytes(64 * 900 - 16 - 10 - 28)))
+    rig.kernel.send(ok)
+    assert len([rig.sent() for _ in range(64)]) == 64
+    parts_65 = gso_frame(ipv4(OWN_OVERLAY, PEER_OVERLAY, bytes(64 * 900 - 16 - 10 - 28 + 1)))
+    rig.kernel.send(parts_65)
+    assert rig.handed(tun=1)[0] == [parts_65]
+    wide = make(rigs, frames=True, fragment_part=FRAGMENT_PART)
+    wide.install(send_fragments=True)
+    def total(sealed: int) -> int:  # the GSO send's bytes: parts and their headers
+        return sealed + -(-sealed // FRAGMENT_PART) * FRAGMENT_HEADER.size
+
+    sealed = max(n for n in range(60_000, 65_000) if total(n) <= 65_000)
+    parts = -(-sealed // FRAGMENT_PART)
+    largest = gso_frame(ipv4(OWN_OVERLAY, PEER_OVERLAY, bytes(sealed - 16 - 10 - 28)))
+    wide.kernel.send(largest)
+    assert len([wide.sent() for _ in range(parts)]) == parts
+    over = gso_frame(ipv4(OWN_OVERLAY, PEER_OVERLAY, bytes(sealed - 16 - 10 - 28 + 1)))
+    wide.kernel.send(over)
+    assert wide.handed(tun=1)[0] == [over]
 
 
 def test_frames_without_fragments_go_out_stripped_or_to_python(rigs: list[Rig]) -> None:
@@ -389,7 +469,7 @@ def test_frames_without_fragments_go_out_stripped_or_to_python(rigs: list[Rig]) 
     for f in odd:
         rig.kernel.send(f)
     assert rig.handed(tun=3)[0] == odd
-    rig.install(send_fragments=True)  # with fragments, GSO still goes to Python
+    rig.install(send_fragments=True)  # with fragments, a one-part GSO frame goes to Python
     gso = frame(packet, F_NEEDS_CSUM, GSO_TCPV4)
     rig.kernel.send(gso)
     assert rig.handed(tun=1)[0] == [gso]
@@ -650,9 +730,28 @@ def test_coalesced_reads_go_to_python_with_their_segment(rigs: list[Rig]) -> Non
                          0, rig.address)
     except OSError:
         pytest.skip("no UDP GSO on this kernel")
-    _, udp_reads = rig.handed(udp=1)
+    _, udp_reads = rig.handed(udp=1)  # not from the peer's overlay address: Python decides
     assert udp_reads == [(b"".join(parts), len(parts[0]), rig.peer_address)]
     assert rig.replay.highest == -1
+
+
+@pytest.mark.parametrize("good", [4, 3, 1])
+def test_coalesced_whole_datagrams_are_taken_one_by_one(rigs: list[Rig], good: int) -> None:
+    """A coalesced read of datagrams that are each a whole message (a relay's batch of TCP
+    ACKs): the thread takes them in order while they go natively, and hands Python the rest of
+    the read after them (still coalesced when more than one datagram is left)."""
+    rig = make(rigs, gro=True)
+    packet = ipv4(PEER_OVERLAY, OWN_OVERLAY, bytes(52))
+    odd = ipv4(OWN_OVERLAY, OWN_OVERLAY, bytes(52))  # not from the peer: Python's verdict
+    plain = [packet] * good + [odd] * (4 - good)
+    datagrams = [data_datagram(rig.receive_key, LOCAL_INDEX, i, p) for i, p in enumerate(plain)]
+    send_coalesced(rig, datagrams)
+    assert [rig.delivered() for _ in range(good)] == [packet] * good
+    if good < 4:
+        rest = datagrams[good:]
+        segment = len(rest[0]) if len(rest) > 1 else 0
+        assert rig.handed(udp=1)[1] == [(b"".join(rest), segment, rig.peer_address)]
+    assert [rig.replay.check(i) for i in range(4)] == [i >= good for i in range(4)]
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
@@ -770,31 +869,39 @@ def test_authentic_datagrams_follow_the_python_rules(
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
-@given(frames=st.booleans(), fragments=st.booleans(), header=HEADERS, packet=PACKETS)
+@given(frames=st.booleans(), fragments=st.booleans(), header=HEADERS, packet=PACKETS,
+       pad=st.sampled_from([0, 0, 100]))
 def test_tun_reads_follow_the_sending_rules(
-    rigs: list[Rig], frames: bool, fragments: bool, header: bytes, packet: bytes
+    rigs: list[Rig], frames: bool, fragments: bool, header: bytes, packet: bytes, pad: int
 ) -> None:
     if not rigs:
         make(rigs, frames=False)
-        make(rigs, frames=True, fragment_part=100)
+        make(rigs, frames=True, fragment_part=64)
     rig = rigs[frames]
     rig.install(send_fragments=fragments)
+    packet += bytes(pad if packet else 0)  # with pad, most frames take several parts
     read = header + packet if frames else packet
     if not read:
         return  # a TUN device never reads nothing
     inner = read[10:] if frames else read
     flags, gso = (read[0], read[1]) if frames else (0, 0)
-    native = len(inner) >= 20 and inner[0] >> 4 == 4 and inner[16:20] == PEER_OVERLAY and gso == 0
+    native = len(inner) >= 20 and inner[0] >> 4 == 4 and inner[16:20] == PEER_OVERLAY
+    parts = 1
     if frames and fragments:
-        native = native and not flags & ~3 and len(read) + 16 <= 100
+        parts = -(-(len(read) + 16) // 64)
+        if parts == 1:  # one part: no GSO, known flags (what the peer's thread opens)
+            native = native and gso == 0 and not flags & ~3
         expected = FRAGMENT_HEADER.size, read
     else:
-        native = native and flags == 0
+        native = native and flags == 0 and gso == 0
         expected = DATA_HEADER.size, inner
     before = rig.counter.value
-    event("native" if native else "to Python")
+    event(("native" if native else "to Python") + (" (several parts)" if parts > 1 else ""))
     rig.kernel.send(read)
-    if native:
+    if native and parts > 1:
+        assert join_message(rig.send_key, [rig.sent() for _ in range(parts)]) == (before, read)
+        assert rig.counter.value == before + 1
+    elif native:
         sent = rig.sent()
         size, plain = expected
         assert sent[0] == (TYPE_FRAGMENT if size == 15 else TYPE_DATA)
@@ -805,6 +912,283 @@ def test_tun_reads_follow_the_sending_rules(
     else:
         assert rig.handed(tun=1)[0] == [read]
         assert rig.counter.value == before
+
+
+# -- whole messages in one coalesced read --------------------------------------------------------
+
+
+def gro_rig(rigs: list[Rig], **kwargs: int | bool) -> Rig:
+    try:
+        return make(rigs, frames=True, gro=True, **kwargs)
+    except OSError:
+        pytest.skip("no UDP GRO on this kernel")
+
+
+def send_coalesced(rig: Rig, datagrams: list[bytes], segment: int | None = None) -> bytes:
+    """One GSO send of `datagrams` (all of `segment` bytes but the last): the tunnel socket
+    reads them as one coalesced read, as the peer agent's GSO sends arrive."""
+    data = b"".join(datagrams)
+    size = segment or len(datagrams[0])
+    try:
+        rig.peer.sendmsg([data], [(SOL_UDP, UDP_SEGMENT, size.to_bytes(2, sys.byteorder))], 0,
+                         rig.address)
+    except OSError:
+        pytest.skip("no UDP GSO on this kernel")
+    return data
+
+
+@pytest.mark.parametrize("last", [1, 5, 15, 16, 17, 700, FRAGMENT_PART])
+def test_a_whole_message_in_one_coalesced_read_goes_to_tun(rigs: list[Rig], last: int) -> None:
+    """Opened from its parts where they lie, including a tag cut across the last two."""
+    rig = gro_rig(rigs)
+    sealed = 20 * FRAGMENT_PART + last
+    big = gso_frame(ipv4(PEER_OVERLAY, OWN_OVERLAY, bytes(range(256)) * 200)[:sealed - 16 - 10])
+    datagrams = message_datagrams(rig.receive_key, LOCAL_INDEX, 5, big, FRAGMENT_PART)
+    assert len(datagrams) == 21 and len(datagrams[-1]) == FRAGMENT_HEADER.size + last
+    data = send_coalesced(rig, datagrams)
+    assert rig.delivered() == big
+    assert not rig.replay.check(5)
+    counts = rig.fp.counters()
+    assert (counts["fast_rx"], counts["gro_reads"], counts["handed_udp"]) == (1, 1, 0)
+    assert rig.fp.take_stats()[KEY][3:5] == (1, len(big) - 10)
+    # The same read again is a replay: Python gets it (and drops it as replayed).
+    send_coalesced(rig, datagrams)
+    assert rig.handed(udp=1)[1] == [(data, FRAGMENT_HEADER.size + FRAGMENT_PART,
+                                     rig.peer_address)]
+
+
+def test_any_part_size_the_sender_chose_is_taken(rigs: list[Rig]) -> None:
+    rig = gro_rig(rigs)
+    packet = ipv4(PEER_OVERLAY, OWN_OVERLAY, bytes(5000))
+    for counter, part in enumerate((100, 1025, 1400)):
+        f = gso_frame(packet)
+        send_coalesced(rig, message_datagrams(rig.receive_key, LOCAL_INDEX, counter, f, part))
+        assert rig.delivered() == f
+
+
+def test_coalesced_reads_that_are_not_one_whole_message_go_to_python(rigs: list[Rig]) -> None:
+    rig = gro_rig(rigs)
+    key, part = rig.receive_key, 1000
+    packet = ipv4(PEER_OVERLAY, OWN_OVERLAY, bytes(2 * part - 16 - 10 - 28))  # two full parts
+
+    def msg(counter: int, index: int = LOCAL_INDEX) -> list[bytes]:
+        datagrams = message_datagrams(key, index, counter, gso_frame(packet), part)
+        assert len(datagrams) == 2 and len(datagrams[1]) == len(datagrams[0])
+        return datagrams
+
+    three = message_datagrams(key, LOCAL_INDEX, 4, gso_frame(packet + bytes(10)), part)
+    forged_header = msg(5)
+    forged_header[1] = forged_header[1][:5] + (6).to_bytes(8, "big") + forged_header[1][13:]
+    reads = [
+        msg(1) + msg(2),  # two messages
+        msg(3)[::-1],  # out of order
+        three[:2],  # the last fragment is missing (it comes in a read of its own)
+        forged_header,  # the parts name two counters
+        msg(7, index=0x0BADBEEF),  # keys the thread does not hold
+    ]
+    sent = [send_coalesced(rig, r) for r in reads]
+    handed = rig.handed(udp=len(reads))[1]
+    assert handed == [(d, part + FRAGMENT_HEADER.size, rig.peer_address) for d in sent]
+    assert rig.replay.highest == -1
+    assert rig.fp.counters()["gro_reads"] == 0
+    plain = make(rigs, frames=False, gro=True)  # no offloads: Python cuts frames into packets
+    data = send_coalesced(plain, message_datagrams(plain.receive_key, LOCAL_INDEX, 0,
+                                                   gso_frame(packet), part))
+    assert plain.handed(udp=1)[1] == [(data, part + FRAGMENT_HEADER.size, plain.peer_address)]
+
+
+def test_a_forged_whole_message_is_dropped_and_counted(rigs: list[Rig]) -> None:
+    rig = gro_rig(rigs)
+    f = gso_frame(ipv4(PEER_OVERLAY, OWN_OVERLAY, bytes(9000)))
+    datagrams = message_datagrams(rig.receive_key, LOCAL_INDEX, 3, f, FRAGMENT_PART)
+    for k, at in ((1, 100), (len(datagrams) - 1, -1)):  # a body byte, a tag byte
+        forged = list(datagrams)
+        d = bytearray(forged[k])
+        d[at] ^= 1
+        forged[k] = bytes(d)
+        send_coalesced(rig, forged, len(datagrams[0]))
+    wait_for(lambda: rig.fp.counters()["auth_failed"] == 2)
+    assert rig.fp.take_stats()[KEY][6] == 2
+    assert rig.replay.check(3)  # nothing marked: the real message still gets in
+    send_coalesced(rig, datagrams)
+    assert rig.delivered() == f
+
+
+def test_bad_whole_messages_go_to_python_unmarked(rigs: list[Rig]) -> None:
+    rig = gro_rig(rigs)
+    packet = ipv4(PEER_OVERLAY, OWN_OVERLAY, bytes(4000))
+    bad = [
+        VNET_HDR.pack(0x04, 0, 0, 0, 0, 0) + packet,  # unknown flag
+        gso_frame(packet, gso=4),  # TCPV6 over IPv4
+        gso_frame(packet, gso_size=0),  # no segment size
+        VNET_HDR.pack(0, GSO_TCPV4, 40, 1340, 20, 16) + packet,  # GSO without a partial sum
+        gso_frame(ipv4(OWN_OVERLAY, OWN_OVERLAY, bytes(4000))),  # not from the peer
+    ]
+    sent = [send_coalesced(rig, message_datagrams(rig.receive_key, LOCAL_INDEX, i, f, 1000))
+            for i, f in enumerate(bad)]
+    assert rig.handed(udp=len(bad))[1] == [(d, 1015, rig.peer_address) for d in sent]
+    assert rig.replay.highest == -1
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=list(HealthCheck))
+@given(header=HEADERS, packet=PACKETS, padding=st.integers(0, 3000))
+def test_authentic_whole_messages_follow_the_python_rules(
+    rigs: list[Rig], header: bytes, packet: bytes, padding: int
+) -> None:
+    """A whole message is delivered exactly when TunnelSession.receive_message would deliver
+    it (check_frame, GSO allowed, inner source); otherwise Python gets it unchanged."""
+    if not rigs:
+        gro_rig(rigs)
+    rig = rigs[0]
+    plain = header + packet + bytes(padding)
+    counter = rig.replay.highest + 1 + len(plain)
+    datagrams = message_datagrams(rig.receive_key, LOCAL_INDEX, counter, plain, 100)
+    if len(datagrams) < 2 or len(datagrams) > 64:
+        return
+    native = frame_ok(plain) and from_peer_ok(plain[10:])
+    event("native" if native else "to Python")
+    data = send_coalesced(rig, datagrams)
+    if native:
+        assert rig.delivered() == plain
+        assert not rig.replay.check(counter)
+    else:
+        assert rig.handed(udp=1)[1] == [(data, 115, rig.peer_address)]
+        assert rig.replay.check(counter)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=list(HealthCheck))
+@given(data=st.data())
+def test_a_whole_message_with_any_byte_changed_is_never_delivered(
+    rigs: list[Rig], data: st.DataObject
+) -> None:
+    if not rigs:
+        gro_rig(rigs)
+    rig = rigs[0]
+    f = gso_frame(ipv4(PEER_OVERLAY, OWN_OVERLAY, bytes(1500)))
+    counter = rig.replay.highest + 1
+    datagrams = message_datagrams(rig.receive_key, LOCAL_INDEX, counter, f, 400)
+    k = data.draw(st.integers(0, len(datagrams) - 1))
+    at = data.draw(st.integers(0, len(datagrams[k]) - 1))
+    changed = bytearray(datagrams[k])
+    changed[at] ^= data.draw(st.integers(1, 255))
+    datagrams[k] = bytes(changed)
+    before = rig.fp.counters()["auth_failed"]
+    read = send_coalesced(rig, datagrams, 400 + FRAGMENT_HEADER.size)
+    deadline = time.monotonic() + TIMEOUT
+    while rig.fp.counters()["auth_failed"] == before:
+        assert time.monotonic() < deadline, "neither dropped nor handed off"
+        if select.select([rig.fp.fileno()], [], [], 0.01)[0]:
+            _, udp = rig.fp.drain()
+            rig.fp.release()
+            assert udp == [(read, 415, rig.peer_address)]
+            event("to Python")
+            break
+    else:
+        event("dropped as forged")
+    assert rig.replay.check(counter)
+    rig.replay.mark(counter)  # the next example uses the next counter
+
+
+# -- relayed paths: ChannelData through our TURN server -------------------------------------------
+
+CHANNEL = 0x4001
+
+
+def channel_data(data: bytes, channel: int = CHANNEL, pad: int = 0) -> bytes:
+    """RFC 8656 §12.4 ChannelData (the peer socket plays our TURN server)."""
+    return channel.to_bytes(2, "big") + len(data).to_bytes(2, "big") + data + bytes(pad)
+
+
+def relay_rig(rigs: list[Rig], **kwargs: int | bool) -> Rig:
+    rig = make(rigs, **kwargs)
+    rig.fp.set_peer(
+        KEY, overlay=PEER_OVERLAY, remote_index=REMOTE_INDEX, send_key=rig.send_key,
+        counter=rig.counter, send_limit=2**60, send_fragments=bool(kwargs.get("frames")),
+        local_index=LOCAL_INDEX, receive_key=rig.receive_key, replay=rig.replay,
+        endpoint=rig.peer_address, send_until=1e9, receive_until=1e9, channel=CHANNEL)
+    return rig
+
+
+def test_a_relayed_route_sends_in_channel_data_to_the_relay(rigs: list[Rig]) -> None:
+    rig = relay_rig(rigs)
+    packet = ipv4(OWN_OVERLAY, PEER_OVERLAY, b"through the relay")
+    rig.kernel.send(packet)
+    sent = rig.sent()
+    assert sent[:4] == CHANNEL.to_bytes(2, "big") + (len(sent) - 4).to_bytes(2, "big")
+    assert sent[4:] != b"" and DATA_HEADER.unpack_from(sent, 4) == (TYPE_DATA, REMOTE_INDEX, 0)
+    assert ChaCha20Poly1305(rig.send_key).decrypt(NONCE.pack(0), sent[4 + 13:], None) == packet
+    framed = relay_rig(rigs, frames=True)
+    small = frame(packet, F_NEEDS_CSUM)
+    framed.kernel.send(small)  # one part
+    one = framed.sent()
+    assert one[:4] == channel_data(one[4:])[:4]
+    assert join_message(framed.send_key, [one[4:]]) == (0, small)
+    big = gso_frame(ipv4(OWN_OVERLAY, PEER_OVERLAY, bytes(range(256)) * 40))
+    framed.kernel.send(big)  # several parts, one GSO send of ChannelData-wrapped fragments
+    parts = -(-(len(big) + 16) // FRAGMENT_PART)
+    datagrams = [framed.sent() for _ in range(parts)]
+    for d in datagrams:
+        assert d[:4] == CHANNEL.to_bytes(2, "big") + (len(d) - 4).to_bytes(2, "big")
+    assert len(datagrams[0]) == 4 + FRAGMENT_HEADER.size + FRAGMENT_PART
+    assert join_message(framed.send_key, [d[4:] for d in datagrams]) == (1, big)
+    wait_for(lambda: framed.fp.counters()["gso_sends"] == 1)  # counted once sendmsg returned
+
+
+@pytest.mark.parametrize("pad", [0, 3])
+def test_channel_data_from_the_relay_is_opened_natively(rigs: list[Rig], pad: int) -> None:
+    """Padding after the data (optional over UDP, RFC 8656 §12.5) is ignored."""
+    rig = relay_rig(rigs)
+    packet = ipv4(PEER_OVERLAY, OWN_OVERLAY, b"relayed in")
+    rig.from_peer(channel_data(data_datagram(rig.receive_key, LOCAL_INDEX, 0, packet), pad=pad))
+    assert rig.delivered() == packet
+    # The same keys on a direct datagram (the path is moving): taken as well.
+    rig.from_peer(data_datagram(rig.receive_key, LOCAL_INDEX, 1, packet))
+    assert rig.delivered() == packet
+    assert rig.fp.counters()["handed_udp"] == 0
+
+
+def test_channel_data_that_is_not_the_routes_goes_to_python(rigs: list[Rig]) -> None:
+    rig = relay_rig(rigs)
+    packet = ipv4(PEER_OVERLAY, OWN_OVERLAY)
+    other = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    other.bind((LOOPBACK, 0))
+    try:
+        wrong_channel = channel_data(data_datagram(rig.receive_key, LOCAL_INDEX, 0, packet),
+                                     channel=CHANNEL + 1)
+        too_long = channel_data(data_datagram(rig.receive_key, LOCAL_INDEX, 1, packet), pad=4)
+        short = channel_data(data_datagram(rig.receive_key, LOCAL_INDEX, 2, packet))[:-1]
+        for d in (wrong_channel, too_long, short):
+            rig.from_peer(d)
+        not_the_relay = channel_data(data_datagram(rig.receive_key, LOCAL_INDEX, 3, packet))
+        other.sendto(not_the_relay, rig.address)
+        handed = rig.handed(udp=4)[1]
+        assert [d for d, _, _ in handed] == [wrong_channel, too_long, short, not_the_relay]
+        assert handed[3][2] == other.getsockname()
+    finally:
+        other.close()
+    assert rig.replay.highest == -1
+    # A direct route takes no ChannelData at all.
+    direct = make(rigs)
+    wrapped = channel_data(data_datagram(direct.receive_key, LOCAL_INDEX, 0, packet))
+    direct.from_peer(wrapped)
+    assert direct.handed(udp=1)[1] == [(wrapped, 0, direct.peer_address)]
+
+
+def test_a_whole_relayed_message_in_one_coalesced_read_goes_to_tun(rigs: list[Rig]) -> None:
+    try:
+        rig = relay_rig(rigs, frames=True, gro=True)
+    except OSError:
+        pytest.skip("no UDP GRO on this kernel")
+    big = gso_frame(ipv4(PEER_OVERLAY, OWN_OVERLAY, bytes(range(256)) * 100))
+    datagrams = [channel_data(d) for d in
+                 message_datagrams(rig.receive_key, LOCAL_INDEX, 0, big, FRAGMENT_PART)]
+    send_coalesced(rig, datagrams)
+    assert rig.delivered() == big
+    assert rig.fp.counters()["gro_reads"] == 1
+    mixed = [channel_data(d, channel=CHANNEL + (k == 1)) for k, d in enumerate(
+        message_datagrams(rig.receive_key, LOCAL_INDEX, 1, big, FRAGMENT_PART))]
+    data = send_coalesced(rig, mixed)
+    assert rig.handed(udp=1)[1] == [(data, len(mixed[0]), rig.peer_address)]
 
 
 # -- IPv6 -----------------------------------------------------------------------------------------
@@ -1074,9 +1458,15 @@ def test_bad_arguments_name_the_field(rigs: list[Rig]) -> None:
         ("endpoint", ("not an address", 9), ValueError),
         ("endpoint", ("::1", 9), ValueError),  # an IPv4 socket
         ("endpoint", (LOOPBACK, 70000), ValueError),
+        ("channel", 0x3FFF, ValueError),
+        ("channel", 0x5000, ValueError),
+        ("channel", -1, ValueError),
+        ("channel", "16384", TypeError),
     ]:
         with pytest.raises(error, match=name.split("_")[0]):
             rig.fp.set_peer(2, **{**good, name: value})  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="channel needs an endpoint"):
+        rig.fp.set_peer(2, **{**good, "endpoint": None, "channel": 0x4000})  # type: ignore[arg-type]
     rig.fp.set_peer(2, **good)  # type: ignore[arg-type]
     rig.fp.remove_peer(2)
 

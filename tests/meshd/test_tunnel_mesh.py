@@ -436,15 +436,29 @@ def test_data_follows_the_path_at_every_moment() -> None:
 
 def test_fast_routes_follow_the_keys_and_the_direct_path() -> None:
     """`fast_routes` (what the native fast path may carry): the current keys as soon as there
-    are any, an endpoint only once the path is direct from the tunnel socket, and the same
-    counter and replay window objects the session itself uses."""
+    are any, an endpoint once the path is direct from the tunnel socket (the peer's address)
+    or relayed through a channel of our allocation (the TURN server, and the channel), and the
+    same counter and replay window objects the session itself uses."""
     relay_world = two_nodes(SYMMETRIC, PORT_RESTRICTED)
     relay_world.run(0.5)
     relay_world.send("edge-a", "edge-b", b"first")
     relay_world.run(7.0)
     assert relay_world.path("edge-a", "edge-b") == "relay"
-    relayed = relay_world.nodes["edge-a"].fast_routes(relay_world.net.now)
-    assert relayed["edge-b"].endpoint is None  # receive only: relayed paths stay Python's
+    edge_a = relay_world.nodes["edge-a"]
+    relayed = edge_a.fast_routes(relay_world.net.now)["edge-b"]
+    link, turn = edge_a._link, edge_a._turn
+    assert link is not None and turn is not None
+    path = edge_a._peers["edge-b"].machine.current_path()
+    assert path.remote is not None
+    # What _TurnLink.send_via_relay would put in front of each datagram, and where it goes.
+    assert relayed.endpoint == turn.server
+    assert relayed.channel is not None
+    assert relayed.channel.to_bytes(2, "big") == link.channel_of[path.remote]
+    assert not replace(relayed, channel=None).same_keys(relayed)
+    # Without a bound channel (Send indications) the relayed peer is received only.
+    link.channel_of.clear()
+    unbound = edge_a.fast_routes(relay_world.net.now)["edge-b"]
+    assert unbound.endpoint is None and unbound.channel is None
 
     world = two_nodes(PORT_RESTRICTED, PORT_RESTRICTED)
     a = world.nodes["edge-a"]
@@ -474,15 +488,21 @@ def test_fast_routes_follow_the_keys_and_the_direct_path() -> None:
     assert back.remote_index == route.local_index and back.send_key == route.receive_key
 
 
+def settled(a_nat: dict[str, Any], path: str, seconds: float) -> tuple[Any, MeshNode]:
+    """edge-a (behind `a_nat`) sent edge-b (port-restricted) a first packet `seconds` ago and
+    the pair is on `path`: the world and edge-a."""
+    world = two_nodes(a_nat, PORT_RESTRICTED)
+    world.run(0.5)
+    world.send("edge-a", "edge-b", b"first")
+    world.run(seconds)
+    assert world.path("edge-a", "edge-b") == path
+    return world, world.nodes["edge-a"]
+
+
 def test_fast_stats_count_like_the_python_path() -> None:
     """What the fast path carried reaches the session counters, the direct byte metric and
     the path machine (`data_sent`: consent checks and keepalive timers see the traffic)."""
-    world = two_nodes(PORT_RESTRICTED, PORT_RESTRICTED)
-    a = world.nodes["edge-a"]
-    world.run(0.5)
-    world.send("edge-a", "edge-b", b"first")
-    world.run(2.0)
-    assert world.path("edge-a", "edge-b") == "direct"
+    world, a = settled(PORT_RESTRICTED, "direct", 2.0)
     assert a.endpoint is not None
     session = a.endpoint.session("edge-b")
     assert session is not None
@@ -502,6 +522,25 @@ def test_fast_stats_count_like_the_python_path() -> None:
         world.run(1.0)
         a.fast_stats("edge-b", FastStats(1, 64, world.net.now, 1, 64, world.net.now))
     assert world.path("edge-a", "edge-b") == "direct"
+
+
+def test_fast_stats_of_a_relayed_peer_count_relay_bytes() -> None:
+    """Traffic the fast path relayed (in ChannelData through our allocation) is counted as the
+    Python path counts it: relay bytes both ways, ChannelData header included; a minute of it
+    keeps the relayed path."""
+    world, a = settled(SYMMETRIC, "relay", 7.0)
+    out_before, in_before = a.metrics.relay_bytes_out, a.metrics.relay_bytes_in
+    direct_before = a.metrics.direct_bytes_out
+    now = world.net.now
+    a.fast_stats("edge-b", FastStats(tx_packets=3, tx_bytes=300, last_tx=now,
+                                     rx_packets=2, rx_bytes=128, last_rx=now))
+    assert a.metrics.relay_bytes_out == out_before + 300 + 3 * (DATA_OVERHEAD + 4)
+    assert a.metrics.relay_bytes_in == in_before + 128 + 2 * (DATA_OVERHEAD + 4)
+    assert a.metrics.direct_bytes_out == direct_before
+    for _ in range(60):
+        world.run(1.0)
+        a.fast_stats("edge-b", FastStats(1, 64, world.net.now, 1, 64, world.net.now))
+    assert world.path("edge-a", "edge-b") == "relay"
 
 
 def test_a_moved_overlay_address_drops_the_keys_and_the_fast_route() -> None:

@@ -254,11 +254,28 @@ def test_a_peer_burst_reaches_the_client_as_channel_data_in_one_batch() -> None:
     assert (m.bytes_in, m.datagrams_in, m.coalesced_reads) == (7003, 8, 1)
 
 
-def test_several_reads_of_one_wake_up_join_one_run() -> None:
+def test_single_datagram_reads_of_one_wake_up_join_one_run() -> None:
     agent = channel_agent()
     frame = encode_channel_data(0x4000, bytes(500))
-    out = client_reads(agent, (frame * 3, 504), (frame, 0), (frame * 2, 504))
-    assert out == [TransmitBatch(agent.relayed, PEER, bytes(3000), 500)]  # type: ignore[arg-type]
+    out = client_reads(agent, (frame, 0), (frame, 0), (frame, 0))
+    assert out == [TransmitBatch(agent.relayed, PEER, bytes(1500), 500)]  # type: ignore[arg-type]
+
+
+def test_a_coalesced_read_stays_a_run_of_its_own() -> None:
+    """A GRO read is one GSO send of the client (a meshd tunnel message of several fragments,
+    all full-size here): it never joins other reads, so the peer gets it as one burst."""
+    agent = channel_agent()
+    frame = encode_channel_data(0x4000, bytes(500))
+    out = client_reads(agent, (frame * 3, 504), (frame, 0), (frame * 2, 504), (frame * 2, 504))
+    assert out == [
+        TransmitBatch(agent.relayed, PEER, bytes(1500), 500),  # type: ignore[arg-type]
+        Transmit(agent.relayed, PEER, bytes(500)),  # type: ignore[arg-type]
+        TransmitBatch(agent.relayed, PEER, bytes(1000), 500),  # type: ignore[arg-type]
+        TransmitBatch(agent.relayed, PEER, bytes(1000), 500),  # type: ignore[arg-type]
+    ]
+    # The same towards a client: what a peer's GSO send brought stays one burst.
+    out = peer_reads(agent, (bytes(60), 30), (bytes(60), 30))
+    assert [o.count for o in out] == [2, 2]  # type: ignore[union-attr]
 
 
 def test_no_open_relay_on_the_fast_path() -> None:
@@ -381,6 +398,30 @@ def test_relay_to_relay_skips_the_kernel_with_the_same_checks() -> None:
                          for p in payloads]
     m = server.metrics
     assert m.relayed_locally == 5 and m.datagrams_out == 5 and m.datagrams_in == 10
+
+
+def test_a_burst_with_a_shorter_last_datagram_stays_one_send() -> None:
+    """A meshd tunnel message (full-size fragments and a shorter last one, one GSO send of the
+    agent) leaves as one batch, relay to relay and to an outside peer: the receiving agent gets
+    it as one coalesced read and opens it whole."""
+    a, b = two_relayed_nodes()
+    payloads = [bytes([i]) * 1421 for i in range(44)] + [bytes(630)]
+    read = burst(*(encode_channel_data(0x4000, p) for p in payloads))
+    out = client_reads(a, (read, 1425))
+    assert b.relayed is not None and a.relayed is not None
+    slow = [o for p in payloads for o in a.server.handle_datagram(p, a.relayed, b.relayed, a.now)]
+    assert flat(out) == flat(slow)
+    assert out == [TransmitBatch(LISTEN, b.flow.client, read, 1425)]
+    m = a.server.metrics
+    assert (m.relayed_locally, m.datagrams_out, m.datagrams_in) == (45, 45, 90)
+    outside = channel_agent()
+    out = client_reads(outside, (read, 1425))
+    assert out == [TransmitBatch(outside.relayed, PEER, b"".join(payloads), 1421)]  # type: ignore[arg-type]
+    # A last datagram of another channel is not part of the run: the loop handles it.
+    mixed = burst(*(encode_channel_data(0x4000, p) for p in payloads[:-1]),
+                  encode_channel_data(0x4001, payloads[-1]))
+    assert flat(client_reads(outside, (mixed, 1425)))[:44] == [
+        (outside.relayed, PEER, p) for p in payloads[:-1]]
 
 
 def test_relay_to_relay_needs_the_receivers_permission() -> None:

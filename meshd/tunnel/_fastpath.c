@@ -1227,35 +1227,20 @@ receive_message_native(FastPathObject *fp, const uint8_t *d, size_t n, size_t se
     size_t len = sealed - TAGLEN;
     uint32_t index = load_be32(frag[0] + 1);
     uint64_t counter = load_be64(frag[0] + 5);
-    uint8_t *frame = fp->rx_buf;
-    uint8_t nonce[NONCELEN], tag[TAGLEN];
-    /* The tag is the last TAGLEN bytes of the joined parts: it may straddle the last two. */
-    size_t want = TAGLEN;
-    for (size_t k = parts; k-- > 0 && want;) {
-        size_t take = size[k] < want ? size[k] : want;
-        memcpy(tag + want - take, frag[k] + FRAGMENT_HEADER + size[k] - take, take);
-        want -= take;
+    /* The parts joined into one buffer (ciphertext, then the tag), then one AEAD call in
+     * place: OpenSSL's ChaCha20-Poly1305 runs at half speed when fed part by part (1406-byte
+     * updates split its 64-byte blocks), which costs far more than this copy. */
+    uint8_t *frame = fp->rx_buf; /* sealed < UDP_READ: it fits */
+    size_t at = 0;
+    for (size_t k = 0; k < parts; k++) {
+        memcpy(frame + at, frag[k] + FRAGMENT_HEADER, size[k]);
+        at += size[k];
     }
-
     double now;
     Peer *p = receiving_route(fp, index, counter, channel, from, from_len, &now);
     if (p == NULL)
         return false;
-    EVP_CIPHER_CTX *ctx = p->k.open;
-    make_nonce(nonce, counter);
-    bool opened = EVP_DecryptInit_ex(ctx, NULL, NULL, NULL, nonce) == 1
-                  && EVP_CIPHER_CTX_ctrl(ctx, EVP_CTRL_AEAD_SET_TAG, TAGLEN, tag) == 1;
-    size_t at = 0; /* plaintext bytes so far */
-    for (size_t k = 0; opened && k < parts && at < len; k++) {
-        size_t take = len - at < size[k] ? len - at : size[k];
-        int outl = 0;
-        opened = EVP_DecryptUpdate(ctx, frame + at, &outl, frag[k] + FRAGMENT_HEADER,
-                                   (int)take) == 1;
-        at += (size_t)outl;
-    }
-    int final = 0;
-    opened = opened && EVP_DecryptFinal_ex(ctx, frame + at, &final) == 1
-             && at + (size_t)final == len;
+    bool opened = aead_open(p->k.open, counter, frame, len, frame);
     if (!opened) {
         drop_forged(fp, p);
         return true;

@@ -942,9 +942,10 @@ class MeshNode:
     def fast_routes(self, now: float) -> dict[str, FastRoute]:
         """Per peer with usable keys, what the fast path may carry for it: its current keys,
         and where to send: the remote address of its direct path when that leaves from the
-        tunnel socket, or our TURN server and the channel bound to the peer's relayed address
-        when it is relayed through a UDP allocation of the tunnel socket (guessed paths, Send
-        indications and TURN over TCP stay Python's). The adapter installs these after every
+        tunnel socket; on a relayed path the peer's relayed address when we send to it from
+        the tunnel socket, or our TURN server and the channel bound to the peer's relayed
+        address when we send through our UDP allocation (guessed paths, Send indications and
+        TURN over TCP stay Python's). The adapter installs these after every
         full round; they change only with handshakes, expiry and path changes."""
         endpoint = self.endpoint
         routes: dict[str, FastRoute] = {}
@@ -999,19 +1000,21 @@ class MeshNode:
         if peer is None or session is None:
             return
         session.fast_account(stats)
-        if stats.last_tx is None:
-            return
-        peer.machine.data_sent(stats.last_tx)
-        peer.last_data = max(peer.last_data, stats.last_tx)
+        if stats.last_tx is not None:
+            peer.machine.data_sent(stats.last_tx)
+            peer.last_data = max(peer.last_data, stats.last_tx)
         if peer.path in ("direct", "relay"):
             frames = self._tun_frames and session.stats().peer_fragments
             overhead = FRAGMENT_HEADER.size + TAGLEN + VNET_HDR_LEN if frames else DATA_OVERHEAD
             if peer.path == "direct":
                 self.metrics.direct_bytes_out += stats.tx_bytes + overhead * stats.tx_packets
-            else:  # what _TurnLink counts: datagrams in their ChannelData, both ways
-                overhead += 4
-                self.metrics.relay_bytes_out += stats.tx_bytes + overhead * stats.tx_packets
-                self.metrics.relay_bytes_in += stats.rx_bytes + overhead * stats.rx_packets
+            else:  # what _TurnLink counts: datagrams in ChannelData through our allocation
+                relayed = self._relay_route(peer)
+                out = overhead + (4 if relayed is not None and relayed[1] is not None else 0)
+                self.metrics.relay_bytes_out += stats.tx_bytes + out * stats.tx_packets
+                # Relayed datagrams reach us in ChannelData from our server (received-only
+                # intervals count too: no early return above).
+                self.metrics.relay_bytes_in += stats.rx_bytes + (overhead + 4) * stats.rx_packets
 
     def _transmit(self, peer: _Peer, datagram: bytes, now: float, out: list[Transmit]) -> None:
         t = peer.machine.transmit(datagram, now)

@@ -537,6 +537,9 @@ def test_fast_stats_of_a_relayed_peer_count_relay_bytes() -> None:
     assert a.metrics.relay_bytes_out == out_before + 300 + 3 * (DATA_OVERHEAD + 4)
     assert a.metrics.relay_bytes_in == in_before + 128 + 2 * (DATA_OVERHEAD + 4)
     assert a.metrics.direct_bytes_out == direct_before
+    # An interval with traffic in only (nothing sent) is counted too.
+    a.fast_stats("edge-b", FastStats(0, 0, None, 1, 100, now))
+    assert a.metrics.relay_bytes_in == in_before + 228 + 3 * (DATA_OVERHEAD + 4)
     for _ in range(60):
         world.run(1.0)
         a.fast_stats("edge-b", FastStats(1, 64, world.net.now, 1, 64, world.net.now))

@@ -225,8 +225,8 @@ class TunnelService:
         self.gso_sends = 0
         """`sendmsg` calls that carried a run of datagrams."""
         self.gro_reads = 0
-        self._native_whole_reads = 0  # whole 0xE4 messages a stopped fast path took
         """Reads that brought several coalesced datagrams (UDP GRO)."""
+        self._native_whole_reads = 0  # whole 0xE4 messages a stopped fast path took
         self._sock = sock
         self._poll = select.poll()
         self._poll.register(sock.fileno(), select.POLLIN)

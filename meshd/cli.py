@@ -465,6 +465,7 @@ async def _serve_relay(stun: StunConfig, relay: RelayConfig, turn: TurnServerCon
             alt_port=stun.alt_port,
             tcp=relay.tcp,
             software=stun.software,
+            native=relay.fast_path,
         )
     except BindError as exc:
         raise UserError(str(exc)) from None
@@ -480,8 +481,7 @@ async def _serve_relay(stun: StunConfig, relay: RelayConfig, turn: TurnServerCon
             try:
                 where = HostPort.parse(relay.metrics_address)
                 runner = await start_metrics(where.host, where.port,
-                                             lambda: server.samples() + service.io_samples()
-                                             + _stun_samples(stun_core),
+                                             lambda: service.samples() + _stun_samples(stun_core),
                                              routes=shared.routes())
             except BindError as exc:
                 raise UserError(str(exc)) from None

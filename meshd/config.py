@@ -121,6 +121,10 @@ class RelayConfig:
     """Networks (CIDR) never relayed to, e.g. the server's LAN."""
     metrics_address: str = ""
     """`host:port` for Prometheus `/metrics` of STUN and relay counters; "" = off."""
+    fast_path: bool = True
+    """Relay ChannelData and peer datagrams on routes the relay has checked in C
+    (meshd/turn/_relaypath.c) when it is built; off: every datagram through Python. A
+    `bytesPerSPerNode` limit turns it off too."""
 
     def __post_init__(self) -> None:
         for name, value in (("relayIp", self.relay_ip), ("externalIp", self.external_ip)):

@@ -53,6 +53,8 @@
 #include <openssl/crypto.h>
 #include <openssl/evp.h>
 
+#include "../native/sockaddr.h"
+
 enum {
     TYPE_DATA = 0xE3,
     TYPE_FRAGMENT = 0xE4,
@@ -101,32 +103,6 @@ static const char *const count_names[N_COUNTS] = {
 /* ---------------------------------------------------------------------------------------------
  * Helpers for arguments
  */
-
-/* obj as an integer in 0..2**64-1; ValueError naming `name` otherwise. */
-static int
-u64_arg(PyObject *obj, const char *name, uint64_t *out)
-{
-    PyObject *index = PyNumber_Index(obj);
-    if (index == NULL) {
-        if (PyErr_ExceptionMatches(PyExc_TypeError)) {
-            PyErr_Clear();
-            PyErr_Format(PyExc_TypeError, "%s must be an int, not %s", name,
-                         Py_TYPE(obj)->tp_name);
-        }
-        return -1;
-    }
-    unsigned long long value = PyLong_AsUnsignedLongLong(index);
-    Py_DECREF(index);
-    if (value == (unsigned long long)-1 && PyErr_Occurred()) {
-        if (PyErr_ExceptionMatches(PyExc_OverflowError)) {
-            PyErr_Clear();
-            PyErr_Format(PyExc_ValueError, "%s out of range (0..2**64-1)", name);
-        }
-        return -1;
-    }
-    *out = value;
-    return 0;
-}
 
 /* A bound `counter < limit` for any Python int: below 0 it is 0 (nothing passes), at or above
  * 2**64 it is *unlimited (everything of 64 bits passes). */
@@ -1028,26 +1004,6 @@ unwrap_channel(const uint8_t *d, size_t n, unsigned *channel, size_t *length)
     return true;
 }
 
-static bool
-same_address(const struct sockaddr_storage *a, socklen_t a_len,
-             const struct sockaddr_storage *b, socklen_t b_len)
-{
-    if (a_len < (socklen_t)sizeof(sa_family_t) || a->ss_family != b->ss_family)
-        return false;
-    if (a->ss_family == AF_INET && a_len >= (socklen_t)sizeof(struct sockaddr_in)
-        && b_len >= (socklen_t)sizeof(struct sockaddr_in)) {
-        const struct sockaddr_in *x = (const void *)a, *y = (const void *)b;
-        return x->sin_port == y->sin_port && x->sin_addr.s_addr == y->sin_addr.s_addr;
-    }
-    if (a->ss_family == AF_INET6 && a_len >= (socklen_t)sizeof(struct sockaddr_in6)
-        && b_len >= (socklen_t)sizeof(struct sockaddr_in6)) {
-        const struct sockaddr_in6 *x = (const void *)a, *y = (const void *)b;
-        return x->sin6_port == y->sin6_port
-               && memcmp(&x->sin6_addr, &y->sin6_addr, sizeof x->sin6_addr) == 0;
-    }
-    return false;
-}
-
 /* A datagram's way in fits the route: a direct one (channel 0) always -- the keys decide --,
  * ChannelData only on the route's own channel from its relay (what the Python path takes:
  * TurnClient reads ChannelData from the server only, and the channel names the peer). */
@@ -1808,69 +1764,7 @@ FastPath_drain(FastPathObject *fp, PyObject *unused)
 static int
 endpoint_arg(FastPathObject *fp, PyObject *obj, struct sockaddr_storage *out, socklen_t *len)
 {
-    Py_ssize_t size = PyTuple_Check(obj) ? PyTuple_GET_SIZE(obj) : 0;
-    if (size != 2 && size != 4) {
-        PyErr_SetString(PyExc_TypeError, "endpoint must be None, (host, port) or "
-                        "(host, port, flowinfo, scope_id)");
-        return -1;
-    }
-    uint64_t flowinfo = 0, scope_id = 0;
-    if (size == 4 && (u64_arg(PyTuple_GET_ITEM(obj, 2), "endpoint flowinfo", &flowinfo) < 0
-                      || u64_arg(PyTuple_GET_ITEM(obj, 3), "endpoint scope_id", &scope_id) < 0))
-        return -1;
-    if (flowinfo > 0xFFFFF || scope_id > UINT32_MAX) { /* RFC 6437: a 20-bit flow label */
-        PyErr_SetString(PyExc_ValueError, "endpoint flowinfo or scope_id out of range");
-        return -1;
-    }
-    PyObject *host_obj = PyTuple_GET_ITEM(obj, 0);
-    if (!PyUnicode_Check(host_obj)) {
-        PyErr_SetString(PyExc_TypeError, "endpoint host must be a str");
-        return -1;
-    }
-    const char *host = PyUnicode_AsUTF8(host_obj);
-    if (host == NULL)
-        return -1;
-    uint64_t port;
-    if (u64_arg(PyTuple_GET_ITEM(obj, 1), "endpoint port", &port) < 0)
-        return -1;
-    if (port > 0xFFFF) {
-        PyErr_Format(PyExc_ValueError, "endpoint port %llu out of range",
-                     (unsigned long long)port);
-        return -1;
-    }
-    memset(out, 0, sizeof *out);
-    struct in_addr v4;
-    struct in6_addr v6;
-    if (inet_pton(AF_INET, host, &v4) == 1) {
-        if (fp->udp_family == AF_INET) {
-            struct sockaddr_in *in = (struct sockaddr_in *)out;
-            in->sin_family = AF_INET;
-            in->sin_port = htons((uint16_t)port);
-            in->sin_addr = v4;
-            *len = sizeof *in;
-            return 0;
-        }
-        /* an IPv6 socket reaches IPv4 through the mapped address (RFC 4291 §2.5.5.2) */
-        memset(&v6, 0, sizeof v6);
-        v6.s6_addr[10] = v6.s6_addr[11] = 0xFF;
-        memcpy(&v6.s6_addr[12], &v4, 4);
-    }
-    else if (inet_pton(AF_INET6, host, &v6) != 1) {
-        PyErr_Format(PyExc_ValueError, "endpoint host %R is not an IP address", host_obj);
-        return -1;
-    }
-    else if (fp->udp_family != AF_INET6) {
-        PyErr_Format(PyExc_ValueError, "endpoint %R is IPv6 but the socket is IPv4", host_obj);
-        return -1;
-    }
-    struct sockaddr_in6 *in6 = (struct sockaddr_in6 *)out;
-    in6->sin6_family = AF_INET6;
-    in6->sin6_port = htons((uint16_t)port);
-    in6->sin6_flowinfo = htonl((uint32_t)flowinfo);
-    in6->sin6_scope_id = (uint32_t)scope_id;
-    in6->sin6_addr = v6;
-    *len = sizeof *in6;
-    return 0;
+    return sockaddr_arg(obj, fp->udp_family, "endpoint", out, len);
 }
 
 static EVP_CIPHER_CTX *

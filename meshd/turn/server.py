@@ -279,6 +279,29 @@ class TurnMetrics:
     to that allocation directly (see `TurnServer._send_run`)."""
 
 
+@dataclass(frozen=True, slots=True)
+class LearnedRoute:
+    """What the core just did with the datagrams of one (socket, source, channel), for a native
+    data path to repeat without asking again until `expires` (meshd/turn/_relaypath.c): the
+    earliest expiry of every allocation, channel and permission the core checked. Recorded
+    only while `TurnServer.learned` is a list and no rate limit applies."""
+
+    local: Address
+    """The socket they arrive on: a listening address (ChannelData) or a relayed address."""
+    source: Address
+    """Who sends them: the client, or the peer."""
+    channel: int | None
+    """Their ChannelData channel; None: a peer's bare datagrams on a relayed address."""
+    out_local: Address
+    """The socket they leave from."""
+    destination: Address
+    """Where they go: the channel's peer, or the allocation's client."""
+    out_channel: int | None
+    """The channel of the ChannelData they leave as; None: bare payloads (to a peer)."""
+    expires: float
+    """Unix time from which the core must see them again."""
+
+
 @dataclass(slots=True)
 class _Channel:
     peer: Address
@@ -359,6 +382,13 @@ class TurnServer:
         self._revoked: frozenset[str] = frozenset()
         self._timers: list[tuple[float, int, _Allocation | bytes]] = []
         self._seq = itertools.count()
+        self.learned: list[LearnedRoute] | None = None
+        """A list (the adapter sets one when it has a native data path): the routes the data
+        path took since the adapter last emptied it."""
+        self.routes_epoch = 0
+        """Bumped when an allocation is created or deleted, or a permission or channel
+        expires: learned routes from before may be wrong now (a relayed port freed and taken
+        again, a wall clock stepped back), so the adapter forgets them all."""
         self._handlers: dict[int, Callable[[StunMessage, _Auth, FiveTuple, float],
                                             list[Output]]] = {
             Method.ALLOCATE: self._allocate,
@@ -698,6 +728,7 @@ class TurnServer:
         if flow.transport is Transport.UDP:
             self._by_udp[(flow.client, flow.server)] = allocation
         self._by_relay[allocation.relay] = allocation
+        self.routes_epoch += 1  # a relayed address of ours now: routes to it rewrite locally
         self._per_node[auth.node] = self._per_node.get(auth.node, 0) + 1
         self.metrics.allocations_total += 1
         self._schedule(allocation)
@@ -914,6 +945,8 @@ class TurnServer:
                     self._send_run(allocation, route, run, now, batcher, others)
                     run = []
                 number, route = channel, self._channel_route(allocation, channel, now)
+                if route is not None and self.learned is not None and not limited:
+                    self._learn_client(allocation, local, source, channel, route, now)
             if route is None:
                 metrics.dropped_no_permission += 1
                 continue
@@ -956,9 +989,12 @@ class TurnServer:
         allocation = self._by_udp.get((source, local))
         if allocation is None:
             return 0  # counted by the loop
-        route = self._channel_route(allocation, header[0] << 8 | header[1], now)
+        number = header[0] << 8 | header[1]
+        route = self._channel_route(allocation, number, now)
         if route is None:
             return 0
+        if self.learned is not None:  # no rate limit here: the caller checked
+            self._learn_client(allocation, local, source, number, route, now)
         tail = len(data) - end
         if tail and not (tail >= 4 and data[end : end + 2] == header[:2]
                          and data[end + 2] << 8 | data[end + 3] == tail - 4):
@@ -1004,6 +1040,32 @@ class TurnServer:
         metrics.bytes_in += count * (segment - 4) + max(tail - 4, 0)
         batcher.add_block(target.flow.server, target.flow.client, out, segment)
         return True
+
+    def _learn_client(self, allocation: _Allocation, local: Address, source: Address,
+                      number: int, route: tuple[Address, _Allocation | None],
+                      now: float) -> None:
+        """Record what ChannelData on `number` from `source` does now (`route` is alive): its
+        payloads go from the relayed address to the peer, or -- the peer being another
+        relayed address of ours whose client has a channel and permission for us -- they go
+        to that client as its ChannelData (what `_rewrite_locally` and `_from_peer_many`
+        send). Anything else (a TCP client over there, no channel back) stays with the core."""
+        assert self.learned is not None
+        peer, target = route
+        expires = min(allocation.expires, allocation.channels[number].expires,
+                      allocation.permissions[peer[0]])
+        if target is None:
+            self.learned.append(LearnedRoute(local, source, number, allocation.relay, peer,
+                                             None, expires))
+            return
+        back = target.peer_channels.get(allocation.relay)
+        channel = target.channels.get(back) if back is not None else None
+        if back is None or channel is None or target.flow.transport is not Transport.UDP:
+            return
+        expires = min(expires, target.expires, channel.expires,
+                      target.permissions.get(allocation.relay[0], 0.0))
+        if expires > now:
+            self.learned.append(LearnedRoute(local, source, number, target.flow.server,
+                                             target.flow.client, back, expires))
 
     def _channel_route(self, allocation: _Allocation, number: int,
                        now: float) -> tuple[Address, _Allocation | None] | None:
@@ -1066,6 +1128,10 @@ class TurnServer:
             chunks = [c for c in chunks if self._within_rate(node, len(c), now)]
             if not chunks:
                 return
+        elif self.learned is not None:
+            self.learned.append(LearnedRoute(
+                allocation.relay, source, None, flow.server, flow.client, number,
+                min(allocation.expires, channel.expires, allocation.permissions[source[0]])))
         size = len(chunks[0])
         full = CHANNEL_HEADER.pack(number, size)
         frames = [full + chunk for chunk in chunks]
@@ -1147,15 +1213,23 @@ class TurnServer:
             self.metrics.allocations_expired += 1
             self._delete(allocation, "expired")
             return
-        for ip in [ip for ip, t in allocation.permissions.items() if t <= now]:
+        gone = [ip for ip, t in allocation.permissions.items() if t <= now]
+        for ip in gone:
             del allocation.permissions[ip]
-        for number in [n for n, c in allocation.channels.items() if c.expires <= now]:
+        numbers = [n for n, c in allocation.channels.items() if c.expires <= now]
+        for number in numbers:
             channel = allocation.channels.pop(number)
             allocation.peer_channels.pop(channel.peer, None)
+        if gone or numbers:
+            # Learned routes expire with these anyway; this covers a clock stepped back.
+            self.routes_epoch += 1
         self._schedule(allocation)
 
     def _delete(self, allocation: _Allocation, reason: str) -> None:
         allocation.deleted = True
+        self.routes_epoch += 1
+        if self.learned:
+            self.learned.clear()  # some may be this allocation's; the next reads relearn
         del self._by_flow[allocation.flow]
         if allocation.flow.transport is Transport.UDP:
             del self._by_udp[(allocation.flow.client, allocation.flow.server)]

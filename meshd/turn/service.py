@@ -15,16 +15,26 @@ Every UDP socket is a `meshd.udp.BatchSocket` read with `add_reader`: one wake-u
 socket (up to `_READ_BATCH` reads, each possibly a UDP GRO burst of equal-size datagrams from
 one source) into one `TurnServer.handle_reads` call, and the `TransmitBatch`es it returns go
 out as one UDP GSO `sendmsg` each. That is the relay's fast path (docs/reference/meshd-relay.md).
+
+With the native data path (`meshd.turn._relaypath`, built by dev/setup; `native=False` or a
+per-node rate limit turns it off), a wake-up first drains the socket in C: reads on routes the
+core learnt (`TurnServer.learned`) are relayed there, and the first read without one comes to
+the core as above. The core's counters get the native ones added when they are read
+(`samples`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
+import importlib
 import logging
+import os
 import socket
 import time
 from collections.abc import Callable, Iterable
+from typing import Any
 
 from aiohttp import web
 
@@ -33,6 +43,7 @@ from meshd.stun.server import DEFAULT_SOFTWARE, ServerAddresses, StunServer
 from meshd.turn.fastpath import TransmitBatch
 from meshd.turn.server import (
     FiveTuple,
+    LearnedRoute,
     Output,
     StreamClose,
     StreamWrite,
@@ -51,12 +62,25 @@ from meshd.udp import (
     format_address,
 )
 
+NATIVE: Any = None
+"""meshd.turn._relaypath, or None: not built (no C compiler at install time) or
+`MESHD_PURE_PYTHON=1` in the environment (the core relays everything)."""
+if os.environ.get("MESHD_PURE_PYTHON") != "1":
+    with contextlib.suppress(ImportError):
+        NATIVE = importlib.import_module("meshd.turn._relaypath")
+
 log = logging.getLogger("meshd.turn")
 
 _EPHEMERAL_ATTEMPTS = 8  # port 0: the UDP port picked may be taken on the other IP or for TCP
 _ROLES = ("primary", "alt-port", "alt-ip", "alt-ip-alt-port")
 _READ_BATCH = 64  # reads per wake-up of a socket (each may be a GRO burst of 64 datagrams)
 _TCP_WRITE_LIMIT = 1 << 20  # drop relayed data for a TCP client that stopped reading
+# TurnMetrics fields that also count what the native data path relayed.
+_NATIVE_METRICS = ("datagrams_out", "bytes_out", "datagrams_in", "bytes_in", "relayed_locally",
+                   "coalesced_reads", "batches", "batched_datagrams")
+# BatchCounters fields the native data path keeps for the sockets it reads and sends on.
+_NATIVE_SOCKET = ("reads", "datagrams_read", "gso_sends", "datagrams_sent", "gso_refused",
+                  "send_errors")
 # Linux <linux/in.h>, <linux/in6.h> (Python 3.11's socket module lacks the names).
 _IP_MTU_DISCOVER, _IPV6_MTU_DISCOVER, _PMTUDISC_DO = 10, 23, 2
 
@@ -69,9 +93,9 @@ class _RelaySockets:
     """`RelayPorts` over real non-blocking UDP sockets."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop,
-                 on_reads: Callable[[list[Read], Address], None]) -> None:
+                 on_readable: Callable[[BatchSocket, bool], None]) -> None:
         self._loop = loop
-        self._on_reads = on_reads
+        self._on_readable = on_readable
         self._sockets: dict[Address, BatchSocket] = {}
         self._reported: set[int] = set()  # errnos already logged (one warning each)
         self.closed = BatchCounters()
@@ -87,7 +111,7 @@ class _RelaySockets:
                       error=exc)
             return False
         self._sockets[address] = sock
-        self._loop.add_reader(sock.fileno(), self._readable, address, sock)
+        self._loop.add_reader(sock.fileno(), self._on_readable, sock, False)
         return True
 
     def set_dont_fragment(self, address: Address) -> None:
@@ -122,11 +146,6 @@ class _RelaySockets:
     def close_all(self) -> None:
         for address in list(self._sockets):
             self.close(address)
-
-    def _readable(self, address: Address, sock: BatchSocket) -> None:
-        reads = sock.read_batch(_READ_BATCH)
-        if reads:
-            self._on_reads(reads, address)
 
 
 def _add_counters(total: BatchCounters, more: BatchCounters) -> None:
@@ -170,7 +189,7 @@ class _TcpClient(asyncio.Protocol):
 class TurnService:
     """A running STUN + TURN server: the two cores and their sockets."""
 
-    def __init__(self, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, clock: Callable[[], float] = time.time, *, native: bool = True) -> None:
         self.server: TurnServer | None = None
         """The TURN core; None until every socket is bound."""
         self.stun: StunServer | None = None
@@ -184,9 +203,13 @@ class TurnService:
         self._udp: dict[Address, BatchSocket] = {}
         self._tcp_server: asyncio.Server | None = None
         self._connections: dict[FiveTuple, _TcpClient] = {}
-        self._relays = _RelaySockets(self._loop, self._reads)
+        self._relays = _RelaySockets(self._loop, self._readable)
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
+        self.native: Any = NATIVE.RelayPath() if native and NATIVE is not None else None
+        """The native data path, if built and wanted (None once a rate limit rules it out)."""
+        self._epoch = 0  # the core's routes_epoch the native routes were learnt in
+        self._folded = dict.fromkeys(_NATIVE_METRICS, 0)  # native counts already in metrics
 
     @property
     def addresses(self) -> ServerAddresses:
@@ -199,12 +222,41 @@ class TurnService:
         """The kernel coalesces reads on the listening sockets (UDP GRO, Linux 5.0+)."""
         return bool(self._udp) and all(sock.gro for sock in self._udp.values())
 
+    def samples(self) -> Samples:
+        """Prometheus samples of the core (the native data path's counts included) and of the
+        sockets (`io_samples`)."""
+        assert self.server is not None, "TurnService.start() has not finished"
+        self._fold()
+        return self.server.samples() + self.io_samples()
+
+    def _fold(self) -> None:
+        """Add what the native data path relayed since the last call to the core's metrics."""
+        if self.native is None or self.server is None:
+            return
+        stats, metrics = self.native.stats(), self.server.metrics
+        for name in _NATIVE_METRICS:
+            setattr(metrics, name, getattr(metrics, name) + stats[name] - self._folded[name])
+            self._folded[name] = stats[name]
+
     def io_samples(self) -> Samples:
-        """Prometheus samples of the UDP sockets (listening and relayed, totals)."""
+        """Prometheus samples of the UDP sockets (listening and relayed, totals) and of the
+        native data path."""
         total = self._relays.counters()
         for sock in self._udp.values():
             _add_counters(total, sock.counters)
+        native: Samples = []
+        if self.native is not None:
+            stats = self.native.stats()
+            for name in _NATIVE_SOCKET:
+                setattr(total, name, getattr(total, name) + stats[name])
+            native += [
+                ("meshd_relay_native_reads_total", {}, stats["relayed_reads"]),
+                ("meshd_relay_native_handed_total", {}, stats["handed"]),
+                ("meshd_relay_native_expired_total", {}, stats["expired"]),
+                ("meshd_relay_native_routes", {}, self.native.routes),
+            ]
         return [
+            *native,
             ("meshd_relay_socket_reads_total", {}, total.reads),
             ("meshd_relay_socket_datagrams_total", {"direction": "read"}, total.datagrams_read),
             ("meshd_relay_socket_datagrams_total", {"direction": "sent"}, total.datagrams_sent),
@@ -226,11 +278,13 @@ class TurnService:
         tcp: bool = True,
         software: str = DEFAULT_SOFTWARE,
         clock: Callable[[], float] = time.time,
+        native: bool = True,
     ) -> TurnService:
         """Bind every socket and start serving. Port 0 picks free ports (the same numbers on
-        both IPs and for TCP). Raises `BindError` naming the address at fault."""
+        both IPs and for TCP). `native`: relay on the native data path when it is built and
+        no per-node rate limit applies. Raises `BindError` naming the address at fault."""
         for attempt in range(_EPHEMERAL_ATTEMPTS):
-            service = cls(clock)
+            service = cls(clock, native=native)
             try:
                 await service._bind(config, primary_ip, alt_ip, port, alt_port, tcp, software)
             except _PickAgain as exc:
@@ -272,6 +326,10 @@ class TurnService:
         addresses = ServerAddresses(main.address[0], port, alt_port, alt_ip)
         self.stun = StunServer(addresses, software=software)
         self.server = TurnServer(config, self._relays, stun=self.stun)
+        if config.bytes_per_s_per_node > 0:
+            self.native = None  # every datagram goes through the core's token buckets
+        if self.native is not None:
+            self.server.learned = []
 
     @staticmethod
     def _probe_relay_ip(ip: str) -> None:
@@ -292,7 +350,7 @@ class TurnService:
                 raise _PickAgain(str(exc), exc.errno) from None
             raise
         self._udp[sock.address] = sock
-        self._loop.add_reader(sock.fileno(), self._listening_readable, sock)
+        self._loop.add_reader(sock.fileno(), self._readable, sock, True)
         return sock
 
     async def _listen_tcp(self, address: Address, *, picked: bool) -> None:
@@ -315,14 +373,46 @@ class TurnService:
 
     # --- core calls -------------------------------------------------------------------------------
 
-    def _listening_readable(self, sock: BatchSocket) -> None:
-        reads = sock.read_batch(_READ_BATCH)
+    def _readable(self, sock: BatchSocket, listening: bool) -> None:
+        """A wake-up of a listening (ChannelData, STUN) or relayed (peers) socket."""
+        native = self.native
+        if native is None or self.server is None:
+            reads = sock.read_batch(_READ_BATCH)
+        else:
+            reads = native.drain(sock.fileno(), listening, self._clock(), _READ_BATCH)
+            # AF_INET sources are already canonical text; IPv6 ones carry flow info and scope.
+            reads = [(data, segment, source if len(source) == 2 else canonical(source))
+                     for data, segment, source in reads]
         if reads:
             self._reads(reads, sock.address)
 
     def _reads(self, reads: list[Read], local: Address) -> None:
         if self.server is not None:
             self._emit(self.server.handle_reads(reads, local, self._clock()))
+
+    def _sync_routes(self) -> None:
+        """Hand the routes the core learnt to the native data path (forgetting the old ones
+        first when an allocation came or went)."""
+        server, native = self.server, self.native
+        if native is None or server is None:
+            return
+        if server.routes_epoch != self._epoch:
+            native.forget()
+            self._epoch = server.routes_epoch
+        learned = server.learned
+        if not learned:
+            return
+        for route in learned:
+            self._learn(native, route)
+        learned.clear()
+
+    def _learn(self, native: Any, route: LearnedRoute) -> None:
+        into = self._udp.get(route.local) or self._relays.get(route.local)
+        out = self._udp.get(route.out_local) or self._relays.get(route.out_local)
+        if into is None or out is None:
+            return  # a socket that is gone: the core sees those reads, if any
+        native.learn(into.fileno(), route.source, route.channel, out.fileno(),
+                     route.destination, route.out_channel, route.expires)
 
     def _stream(self, flow: FiveTuple, data: bytes) -> None:
         if self.server is not None:
@@ -332,12 +422,14 @@ class TurnService:
         self._connections.pop(flow, None)
         if self.server is not None:
             self.server.connection_lost(flow, self._clock())
+            self._sync_routes()
             self._rearm()
 
     def _on_timer(self) -> None:
         self._timer = self._timer_at = None
         if self.server is not None:
             self.server.handle_timer(self._clock())
+            self._sync_routes()
             self._rearm()
 
     def _emit(self, outputs: Iterable[Output]) -> None:
@@ -360,6 +452,7 @@ class TurnService:
                     event(log, logging.INFO, "turn.tcp_close",
                           client=format_address(out.flow.client), reason=out.reason)
                     connection.transport.close()
+        self._sync_routes()
         self._rearm()
 
     def _rearm(self) -> None:

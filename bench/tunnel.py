@@ -32,6 +32,9 @@ its server's site; the relay's `cloud` sits on the unshaped internet segment), s
 compare like with like, and a delayed path's round trip gains 4D. With a delay, each system's
 result carries `forwarder_cpu_pct`: the busiest forwarder's CPU during iperf3, in percent of
 one core, highest of the rounds (near 100 it, not the system, would be the bottleneck).
+`edgeweave_relay` carries `relay_server_cpu_pct` (the `meshd server` process during iperf3, in
+percent of one core, median of the rounds) and `relay_server_cpu_s_per_gb` (that CPU per
+relayed gigabyte).
 """
 
 from __future__ import annotations
@@ -137,6 +140,7 @@ class Path_:
     server: str
     address: str
     expect: str | None = None  # the mesh path it must be on ("direct"/"relay")
+    relay_pid: int | None = None  # the `meshd server` relaying it: its CPU is sampled
 
 
 @dataclass
@@ -146,6 +150,7 @@ class Samples:
     rtt_p99_us: list[float] = field(default_factory=list)
     move_ms: list[float] = field(default_factory=list)
     forwarder_cpu_pct: list[float] = field(default_factory=list)
+    relay_cpu_pct: list[float] = field(default_factory=list)
 
     def result(self) -> dict[str, Any]:
         out = {"throughput_mbps": round(statistics.median(self.throughput_mbps), 1),
@@ -155,6 +160,12 @@ class Samples:
                "rounds": len(self.throughput_mbps)}
         if self.forwarder_cpu_pct:
             out["forwarder_cpu_pct"] = round(max(self.forwarder_cpu_pct), 1)
+        if self.relay_cpu_pct:
+            cpu = statistics.median(self.relay_cpu_pct)
+            out["relay_server_cpu_pct"] = round(cpu, 1)
+            # CPU-seconds of `meshd server` per relayed gigabyte (10**9 bytes)
+            out["relay_server_cpu_s_per_gb"] = round(
+                cpu / 100 / (out["throughput_mbps"] / 8 / 1000), 2)
         return out
 
 
@@ -281,11 +292,15 @@ def measure(plane: Any, paths: dict[str, Path_], params: Params,
                 if now != path.expect:
                     raise RuntimeError(f"{name}: {path.client} -> {path.server} is on {now}, "
                                        f"not {path.expect}")
-            before, t0 = {pid: cpu_seconds(pid) for pid in watch}, time.monotonic()
+            pids = [*watch, path.relay_pid] if path.relay_pid else watch
+            before, t0 = {pid: cpu_seconds(pid) for pid in pids}, time.monotonic()
             mbps = iperf(plane.lab, path, params.bulk_s)
             s = samples[name]
+            wall = time.monotonic() - t0
             if watch:
-                s.forwarder_cpu_pct.append(busiest(watch, before, time.monotonic() - t0))
+                s.forwarder_cpu_pct.append(busiest(watch, before, wall))
+            if path.relay_pid:
+                s.relay_cpu_pct.append(busiest([path.relay_pid], before, wall))
             p50, p99 = sockperf(plane.lab, path, params.rtt_s)
             moves = move(plane.lab, path, params.moves)
             s.throughput_mbps.append(mbps)
@@ -380,7 +395,9 @@ def run(quick: bool, link_mbit: float | None = None,
                 paths["edgeweave_routed"] = Path_("pa", "pb", pb, "direct")
                 paths["edgeweave"] = Path_("na", "nb", nb, "direct")
                 paths["edgeweave_python"] = Path_("nc", "nd", overlay_of(plane, "nd"), "direct")
-                paths["edgeweave_relay"] = Path_("ns", "nb", nb, "relay")
+                relay = plane.meshd_server
+                paths["edgeweave_relay"] = Path_("ns", "nb", nb, "relay",
+                                                 relay.pid if relay is not None else None)
                 for client, server in (("pa", "pb"), ("na", "nb"), ("nc", "nd"),
                                        ("ns", "nb")):
                     # The first packets open the path; wait until it settles where expected.

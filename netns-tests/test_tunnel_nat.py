@@ -266,18 +266,27 @@ def test_matrix_table() -> None:
 def test_100mb_arrives_byte_identical(mesh: MeshLab, client: str, server: str,
                                       path: str) -> None:
     mesh.wait_path(client, server, path, timeout=30)
+    native = "meshd_relay_native_reads_total"
+    before = mesh.relay_metrics()
     proc = fetch(mesh, client, f"web-{server}", SIZE)
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err
     got, sha, seconds = out.split()
     assert int(got) == SIZE and sha == expected_sha(SIZE)
     sender, receiver = mesh.metrics(server), mesh.metrics(client)
+    relay = mesh.relay_metrics()
+    relayed = relay[native] - before[native]
+    handed = (relay["meshd_relay_native_handed_total"]
+              - before["meshd_relay_native_handed_total"])
     print(f"\n{client}->{server} ({path}): 100 MB in {seconds} s "
           f"({SIZE * 8 / float(seconds) / 1e6:.0f} Mbit/s), sha256 ok; GSO sends "
           f"{sender['meshd_tunnel_gso_sends_total']:.0f}, GRO reads "
-          f"{receiver['meshd_tunnel_gro_reads_total']:.0f}")
+          f"{receiver['meshd_tunnel_gro_reads_total']:.0f}; relay reads relayed natively "
+          f"{relayed:.0f}, handed to its core {handed:.0f}")
     assert (mesh.peer(client, server) or {}).get("path") == path
     assert sender["meshd_tunnel_gso_sends_total"] > 0  # bulk leaves in runs, not one by one
+    if path == "relay":  # meshd server relays the bulk on its native data path
+        assert relayed > 1000
 
 
 def test_nat_state_loss_mid_transfer(mesh: MeshLab) -> None:

@@ -27,7 +27,8 @@ from netlab.serviceplane import ServicePlane, wait_for
 
 INTERNET = "198.51.100.0/24"
 CONNECT_PORT = 40003
-
+RELAY_METRICS = "127.0.0.1:9101"
+"""`relay.metricsAddress` of the lab's `meshd server`: loopback of the `cloud` namespace."""
 
 def mesh_topology(name: str, sites: Mapping[str, Mapping[str, Any]],
                   pods: int) -> dict[str, Any]:
@@ -165,7 +166,8 @@ class MeshLab(ServicePlane):
         config = self.tmp / "meshd-server.json"
         doc: dict[str, dict[str, Any]] = {
             "stun": {"addresses": [self.cloud_ip]},
-            "relay": {"enabled": True, "authSecretFile": str(secret)},
+            "relay": {"enabled": True, "authSecretFile": str(secret),
+                      "metricsAddress": RELAY_METRICS},
             "control": {"enabled": True, "address": f"{self.cloud_ip}:20004",
                         "dataDir": str(self.tmp / "meshd-server-data"),
                         "caFile": str(certs / "ca.crt"),
@@ -240,7 +242,14 @@ class MeshLab(ServicePlane):
 
     def metrics(self, node: str) -> dict[str, float]:
         """The agent's /metrics as {"name{labels}": value}."""
-        proc = self.lab.run(node, ["curl", "-sS", "http://127.0.0.1:40002/metrics"])
+        return self._metrics(node, "127.0.0.1:40002")
+
+    def relay_metrics(self) -> dict[str, float]:
+        """`meshd server`'s relay /metrics (on loopback in `cloud`), as `metrics`."""
+        return self._metrics("cloud", RELAY_METRICS)
+
+    def _metrics(self, node: str, address: str) -> dict[str, float]:
+        proc = self.lab.run(node, ["curl", "-sS", f"http://{address}/metrics"])
         out: dict[str, float] = {}
         for line in proc.stdout.splitlines():
             if line and not line.startswith("#"):

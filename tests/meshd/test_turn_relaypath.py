@@ -17,8 +17,15 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from meshd.stun.codec import FAMILY_IPV4, FAMILY_IPV6
 from meshd.turn import service as service_module
-from meshd.turn.client import Allocated, ChannelBound, TurnClient, TurnEvent
+from meshd.turn.client import (
+    Allocated,
+    ChannelBound,
+    TurnClient,
+    TurnClientConfig,
+    TurnEvent,
+)
 from meshd.turn.credentials import mint_credentials
 from meshd.turn.framing import encode_channel_data
 from meshd.turn.server import TurnServerConfig
@@ -47,9 +54,9 @@ def run(main: Callable[[], Awaitable[None]]) -> None:
     asyncio.run(asyncio.wait_for(main(), 60))
 
 
-def udp() -> socket.socket:
-    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    sock.bind(("127.0.0.1", 0))
+def udp(ip: str = "127.0.0.1") -> socket.socket:
+    sock = socket.socket(socket.AF_INET6 if ":" in ip else socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind((ip, 0))
     sock.setblocking(False)
     return sock
 
@@ -85,11 +92,14 @@ class Client:
                                                                          server)
 
 
-async def client(service: TurnService, node: str, clock: Clock) -> Client:
-    sock = udp()
-    server = ("127.0.0.1", service.addresses.port)
+async def client(service: TurnService, node: str, clock: Clock,
+                 ip: str = "127.0.0.1") -> Client:
+    sock = udp(ip)
+    server = (ip, service.addresses.port)
+    family = FAMILY_IPV6 if ":" in ip else FAMILY_IPV4  # RFC 8656 §7.2: IPv4 unless asked
     core = TurnClient(server, mint_credentials(SECRET, node, clock(), 600),
-                      local=sock.getsockname())
+                      local=canonical(sock.getsockname()),
+                      config=TurnClientConfig(family=family))
     core.allocate(clock())
     c = Client(core, sock, ("", 0), clock)
     allocated = await c.drive(Allocated)
@@ -130,16 +140,18 @@ class Rig:
 
 
 @contextlib.asynccontextmanager
-async def bound(native: bool = True) -> AsyncIterator[Rig]:
+async def bound(native: bool = True, ip: str = "127.0.0.1") -> AsyncIterator[Rig]:
+    """`ip`: the family of every socket (the server's, the relayed addresses, the client's and
+    the peer's)."""
     clock = Clock()
-    service = await TurnService.start(CONFIG, primary_ip="127.0.0.1", port=0, alt_port=0,
-                                      tcp=False, clock=clock, native=native)
+    service = await TurnService.start(replace(CONFIG, relay_ip=ip), primary_ip=ip, port=0,
+                                      alt_port=0, tcp=False, clock=clock, native=native)
     try:
-        a = await client(service, "node-a", clock)
-        peer = udp()
+        a = await client(service, "node-a", clock, ip)
+        peer = udp(ip)
         try:
-            channel = await a.bind(peer.getsockname())
-            yield Rig(service, clock, a, peer, ("127.0.0.1", service.addresses.port), channel)
+            channel = await a.bind(canonical(peer.getsockname()))
+            yield Rig(service, clock, a, peer, (ip, service.addresses.port), channel)
         finally:
             a.sock.close()
             peer.close()
@@ -168,16 +180,20 @@ def burst(channel: int, sizes: list[int], fill: int = 0) -> tuple[bytes, list[by
             sizes[0] + 4)
 
 
-def test_client_and_peer_directions_go_native_after_the_core_saw_them() -> None:
+@pytest.mark.parametrize("ip", ["127.0.0.1", "::1"])
+def test_client_and_peer_directions_go_native_after_the_core_saw_them(ip: str) -> None:
     """ChannelData to a peer (STRIP) and a peer's datagrams back (WRAP): the first burst each
     way goes through the core, which learns the route; later bursts are relayed natively, with
-    the same bytes, order and counters."""
+    the same bytes, order and counters. IPv4 and IPv6."""
+    if ip == "::1" and not socket.has_ipv6:
+        pytest.skip("no IPv6")
+
     async def main() -> None:
-        async with bound() as rig:
+        async with bound(ip=ip) as rig:
             service, a, peer, server, channel = (rig.service, rig.a, rig.peer, rig.server,
                                                  rig.channel)
             assert service.native is not None
-            target: Address = peer.getsockname()
+            target: Address = canonical(peer.getsockname())
             for round_ in range(3):
                 frames, payloads, segment = burst(channel, [1300] * 20 + [77], round_)
                 a.send_burst(frames, segment, server)

@@ -100,7 +100,7 @@ async def start_tunnel(config: AgentConfig, tunnel: TunnelConfig) -> TunnelServi
                               stun_port=tunnel.stun_port, kubeconfig=kubeconfig,
                               interface=tunnel.interface, mtu=tunnel.mtu,
                               listen_port=tunnel.listen_port, mesh=mesh,
-                              fast_path=tunnel.fast_path)
+                              fast_path=tunnel.fast_path, busy_poll_us=tunnel.busy_poll_us)
     try:
         service = await TunnelService.start(settings)
     except (TunnelError, OSError) as exc:

@@ -397,6 +397,10 @@ class TunnelConfig:
     fast_path: bool = True
     """Carry lone data packets of direct paths in the native thread (meshd/tunnel/_fastpath.c);
     false: every packet goes through the Python data path."""
+    busy_poll_us: int = 0
+    """The native thread keeps polling for up to this many µs after an event that followed the
+    one before it within as long (round trips, slow start), instead of sleeping; 0 = off.
+    Trades CPU for round-trip time on hosts with slow wake-ups."""
 
     def __post_init__(self) -> None:
         if self.enabled and not self.server:
@@ -419,6 +423,8 @@ class TunnelConfig:
             raise ValueError(f"prepunchTtl: {self.prepunch_ttl} out of range (1..255)")
         if not self.interface or len(self.interface.encode()) > 15:
             raise ValueError(f"interface: {self.interface!r} is not an interface name")
+        if not 0 <= self.busy_poll_us <= 10000:
+            raise ValueError(f"busyPollUs: {self.busy_poll_us} out of range (0..10000)")
 
     def server_address(self) -> HostPort:
         """The control channel address."""

@@ -121,6 +121,8 @@ class TunnelSettings:
     fast_path: bool = True
     """Carry lone data packets of direct paths in the native thread (`meshd.tunnel.fastpath`)
     once mesh0 is up; without the extension the adapter reads everything itself."""
+    busy_poll_us: int = 0
+    """The native thread's busy polling budget (`tunnel.busyPollUs`; 0 = off)."""
 
 
 def node_material(kubeconfig: Path) -> tuple[x509.Certificate, CertificateKey, x509.Certificate]:
@@ -378,7 +380,8 @@ class TunnelService:
         try:
             fast = fastpath.NATIVE.FastPath(
                 self._sock.fileno(), tun.fd, frames=tun.offload,
-                check_source=config.check_inner_source, fragment_part=config.fragment_part)
+                check_source=config.check_inner_source, fragment_part=config.fragment_part,
+                busy_poll_us=self.settings.busy_poll_us)
             fast.start()
         except (OSError, RuntimeError, ValueError) as exc:  # no thread: Python reads as before
             if fast is not None:

@@ -117,6 +117,7 @@ class Rig:
     seed: int = 1
     family: int = socket.AF_INET
     gro: bool = False
+    busy_poll_us: int = 0
     sock: socket.socket = field(init=False)
     peer: socket.socket = field(init=False)
     kernel: socket.socket = field(init=False)
@@ -144,7 +145,7 @@ class Rig:
         self.tun.setblocking(False)  # as meshd opens /dev/net/tun
         self.fp = FastPath(self.sock.fileno(), self.tun.fileno(), frames=self.frames,
                            check_source=self.check_source, fragment_part=self.fragment_part,
-                           queue_bytes=self.queue_bytes)
+                           queue_bytes=self.queue_bytes, busy_poll_us=self.busy_poll_us)
         self.counter = Counter()
         self.replay = ReplayWindow(2048, limit=2**60)
         self.install()
@@ -560,6 +561,27 @@ def test_send_and_receive_deadlines_are_separate(rigs: list[Rig]) -> None:
     assert DATA_HEADER.unpack_from(rig.sent())[2] == 0
     counts = rig.fp.counters()
     assert (counts["fast_tx"], counts["fast_rx"]) == (1, 1)
+
+
+def test_busy_polling_carries_round_trips_both_ways(rigs: list[Rig]) -> None:
+    """With `busy_poll_us` the thread polls between close events instead of sleeping: round
+    trips (a packet out, the answer in, the next packet out...) go through it as without, and
+    it still sleeps (and stops) when traffic stops."""
+    rig = make(rigs, busy_poll_us=2000)
+    for n in range(50):
+        packet = ipv4(OWN_OVERLAY, PEER_OVERLAY, b"ping %d" % n)
+        rig.kernel.send(packet)
+        datagram = rig.sent()
+        assert ChaCha20Poly1305(rig.send_key).decrypt(
+            NONCE.pack(n), datagram[DATA_HEADER.size:], None) == packet
+        answer = ipv4(PEER_OVERLAY, OWN_OVERLAY, b"pong %d" % n)
+        rig.from_peer(data_datagram(rig.receive_key, LOCAL_INDEX, n, answer))
+        assert rig.delivered() == answer
+    counts = rig.fp.counters()
+    assert (counts["fast_tx"], counts["fast_rx"], counts["handed_tun"],
+            counts["handed_udp"]) == (50, 50, 0, 0)
+    time.sleep(0.05)  # past the budget: the thread sleeps in poll again
+    rig.fp.close()
 
 
 # -- receiving: UDP → TUN -----------------------------------------------------------------------
@@ -1443,6 +1465,10 @@ def test_bad_arguments_name_the_field(rigs: list[Rig]) -> None:
                  fragment_part=16)
     with pytest.raises(TypeError, match="frames"):
         FastPath(rig.sock.fileno(), rig.tun.fileno())  # type: ignore[call-arg]
+    for bad in (-1, 10001):
+        with pytest.raises(ValueError, match=f"busy_poll_us {bad} out of range"):
+            FastPath(rig.sock.fileno(), rig.tun.fileno(), frames=False, check_source=True,
+                     fragment_part=FRAGMENT_PART, busy_poll_us=bad)
     good = dict(overlay=PEER_OVERLAY, remote_index=1, send_key=bytes(32), counter=Counter(),
                 send_limit=10, send_fragments=False, local_index=1, receive_key=bytes(32),
                 replay=ReplayWindow(), endpoint=(LOOPBACK, 9), send_until=1.0,

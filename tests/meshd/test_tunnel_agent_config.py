@@ -37,6 +37,8 @@ def test_tunnel_is_off_by_default_and_round_trips(tmp_path: Path) -> None:
     ("tunnel: {keepaliveS: 0}", "keepaliveS"),
     ("tunnel: {interface: 'a-very-long-interface-name'}", "interface"),
     ("tunnel: {prepunchTtl: 300}", "prepunchTtl"),
+    ("tunnel: {busyPollUs: -1}", "busyPollUs"),
+    ("tunnel: {busyPollUs: 20000}", "busyPollUs"),
     ("tunnel: {bogus: 1}", "unknown field 'bogus'"),
 ])
 def test_tunnel_errors_name_the_field(tmp_path: Path, text: str, message: str) -> None:

@@ -40,12 +40,14 @@ def test_load_and_print(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> N
         "  quotaPerNode: 3\n"
         "  bytesPerSPerNode: 1000000\n"
         "  deniedPeers: [10.0.0.0/8, 'fd00::/8']\n"
-        "  metricsAddress: 127.0.0.1:20005\n")
+        "  metricsAddress: 127.0.0.1:20005\n"
+        "  fastPath: false\n")
     relay = load_config(MeshdConfig, path).relay
     assert relay.enabled and relay.realm == "example.org"
     assert relay.auth_secret_file == Path("/etc/edgeweave/turn-secret")
     assert relay.denied_peers == ("10.0.0.0/8", "fd00::/8")
-    assert (relay.tcp, relay.bytes_per_s_per_node) == (False, 1_000_000)
+    assert (relay.tcp, relay.bytes_per_s_per_node, relay.fast_path) == (False, 1_000_000, False)
+    assert RelayConfig().fast_path
     assert main(["--config", str(path), "config"]) == 0
     out = capsys.readouterr().out
     assert "relay:\n  enabled: true\n  realm: example.org\n" in out

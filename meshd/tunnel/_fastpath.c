@@ -1794,6 +1794,11 @@ FastPath_drain(FastPathObject *fp, PyObject *unused)
 static int
 endpoint_arg(FastPathObject *fp, PyObject *obj, struct sockaddr_storage *out, socklen_t *len)
 {
+    if (!PyTuple_Check(obj)) { /* None is the caller's: no endpoint */
+        PyErr_SetString(PyExc_TypeError, "endpoint must be None, (host, port) or "
+                        "(host, port, flowinfo, scope_id)");
+        return -1;
+    }
     return sockaddr_arg(obj, fp->udp_family, "endpoint", out, len);
 }
 

@@ -728,7 +728,7 @@ class TurnServer:
         if flow.transport is Transport.UDP:
             self._by_udp[(flow.client, flow.server)] = allocation
         self._by_relay[allocation.relay] = allocation
-        self.routes_epoch += 1  # a relayed address of ours now: routes to it rewrite locally
+        self._routes_changed()  # a relayed address of ours now: routes to it rewrite locally
         self._per_node[auth.node] = self._per_node.get(auth.node, 0) + 1
         self.metrics.allocations_total += 1
         self._schedule(allocation)
@@ -1222,14 +1222,19 @@ class TurnServer:
             allocation.peer_channels.pop(channel.peer, None)
         if gone or numbers:
             # Learned routes expire with these anyway; this covers a clock stepped back.
-            self.routes_epoch += 1
+            self._routes_changed()
         self._schedule(allocation)
+
+    def _routes_changed(self) -> None:
+        """Routes learnt so far may be wrong from now on: the adapter forgets them all (and
+        those not yet handed over go too); the next reads relearn what still holds."""
+        self.routes_epoch += 1
+        if self.learned:
+            self.learned.clear()
 
     def _delete(self, allocation: _Allocation, reason: str) -> None:
         allocation.deleted = True
-        self.routes_epoch += 1
-        if self.learned:
-            self.learned.clear()  # some may be this allocation's; the next reads relearn
+        self._routes_changed()
         del self._by_flow[allocation.flow]
         if allocation.flow.transport is Transport.UDP:
             del self._by_udp[(allocation.flow.client, allocation.flow.server)]

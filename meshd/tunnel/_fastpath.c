@@ -55,6 +55,7 @@
 #include <openssl/evp.h>
 
 #include "../native/sockaddr.h"
+#include "../native/udp.h"
 
 enum {
     TYPE_DATA = 0xE3,
@@ -83,9 +84,6 @@ enum {
     CHANNEL_MAX = 0x4FFF,
     BATCH = 64,                       /* reads per fd per wake-up, for fairness */
     RETRY_MS = 50,                    /* an fd that failed is polled again after this */
-    SOL_UDP_ = 17,
-    UDP_SEGMENT_ = 103,               /* linux/udp.h */
-    UDP_GRO_ = 104,
     ENTRY_OVERHEAD = 64,              /* what a queued entry costs besides its bytes */
 };
 
@@ -822,26 +820,8 @@ send_message(FastPathObject *fp, const uint8_t *message, size_t len, size_t part
         iov[2 * k] = (struct iovec){.iov_base = h, .iov_len = wrap + FRAGMENT_HEADER};
         iov[2 * k + 1] = (struct iovec){.iov_base = (void *)(sealed + at), .iov_len = size};
     }
-    union {
-        char buf[CMSG_SPACE(sizeof(uint16_t))];
-        struct cmsghdr align;
-    } control;
-    memset(&control, 0, sizeof control);
-    struct msghdr msg = {
-        .msg_name = (void *)to, .msg_namelen = to_len, .msg_iov = iov,
-        .msg_iovlen = 2 * parts, .msg_control = control.buf,
-        .msg_controllen = sizeof control.buf,
-    };
-    struct cmsghdr *c = CMSG_FIRSTHDR(&msg);
-    c->cmsg_level = SOL_UDP_;
-    c->cmsg_type = UDP_SEGMENT_;
-    c->cmsg_len = CMSG_LEN(sizeof(uint16_t));
-    uint16_t segment = (uint16_t)(wrap + FRAGMENT_HEADER + part);
-    memcpy(CMSG_DATA(c), &segment, sizeof segment);
-    ssize_t n;
-    do {
-        n = sendmsg(fp->udp_fd, &msg, MSG_DONTWAIT);
-    } while (n < 0 && errno == EINTR);
+    ssize_t n = udp_gso_sendmsg(fp->udp_fd, to, to_len, iov, 2 * parts,
+                                (uint16_t)(wrap + FRAGMENT_HEADER + part));
     if (n >= 0) {
         count(fp, C_GSO_SENDS);
         return;
@@ -1261,10 +1241,7 @@ read_udp(FastPathObject *fp, int *err)
 {
     for (int i = 0; i < BATCH; i++) {
         struct sockaddr_storage from;
-        union {
-            char buf[CMSG_SPACE(sizeof(int))];
-            struct cmsghdr align;
-        } control;
+        udp_gro_control control;
         struct iovec iov = {.iov_base = fp->udp_buf, .iov_len = UDP_READ};
         struct msghdr msg = {
             .msg_name = &from, .msg_namelen = sizeof from, .msg_iov = &iov, .msg_iovlen = 1,
@@ -1283,12 +1260,7 @@ read_udp(FastPathObject *fp, int *err)
             continue; /* EINTR, or an ICMP error reported on the socket: read on */
         }
         count(fp, C_UDP_READS);
-        int segment = 0;
-        for (struct cmsghdr *c = CMSG_FIRSTHDR(&msg); c != NULL; c = CMSG_NXTHDR(&msg, c)) {
-            if (c->cmsg_level == SOL_UDP_ && c->cmsg_type == UDP_GRO_
-                && c->cmsg_len >= CMSG_LEN(sizeof(int)))
-                memcpy(&segment, CMSG_DATA(c), sizeof(int));
-        }
+        int segment = udp_gro_segment(&msg);
         size_t len = (size_t)n;
         /* GRO joined datagrams of `segment` bytes: one whole message is taken here, anything
          * else Python splits or takes whole. */

@@ -39,13 +39,8 @@
 #include <sys/uio.h>
 
 #include "../native/sockaddr.h"
+#include "../native/udp.h"
 
-#ifndef UDP_SEGMENT
-#define UDP_SEGMENT 103
-#endif
-#ifndef UDP_GRO
-#define UDP_GRO 104
-#endif
 
 enum {
     READ_BYTES = 65536,      /* a GRO read is at most one 64 KB skb */
@@ -204,26 +199,7 @@ send_run(RelayPathObject *rp, int fd, const struct sockaddr_storage *to, socklen
         size_t k = count - i < per ? count - i : per;
         if (k >= 2 && !rp->no_gso) {
             size_t first = d[i].first, n = d[i + k - 1].first + d[i + k - 1].n - first;
-            union {
-                char buf[CMSG_SPACE(sizeof(uint16_t))];
-                struct cmsghdr align;
-            } control;
-            memset(&control, 0, sizeof control);
-            struct msghdr msg = {.msg_name = (void *)to, .msg_namelen = to_len,
-                                 .msg_iov = &rp->iov[first], .msg_iovlen = n,
-                                 .msg_control = control.buf,
-                                 .msg_controllen = sizeof control.buf};
-            struct cmsghdr *cm = CMSG_FIRSTHDR(&msg);
-            cm->cmsg_level = SOL_UDP;
-            cm->cmsg_type = UDP_SEGMENT;
-            cm->cmsg_len = CMSG_LEN(sizeof(uint16_t));
-            uint16_t size = (uint16_t)segment;
-            memcpy(CMSG_DATA(cm), &size, sizeof size);
-            ssize_t sent;
-            do {
-                sent = sendmsg(fd, &msg, MSG_DONTWAIT);
-            } while (sent < 0 && errno == EINTR);
-            if (sent >= 0) {
+            if (udp_gso_sendmsg(fd, to, to_len, &rp->iov[first], n, (uint16_t)segment) >= 0) {
                 rp->counts[C_GSO_SENDS]++;
                 rp->counts[C_DATAGRAMS_SENT] += k;
                 i += k;
@@ -534,10 +510,7 @@ RelayPath_drain(RelayPathObject *rp, PyObject *args, PyObject *kwargs)
         return NULL;
     for (int i = 0; i < limit; i++) {
         struct sockaddr_storage from;
-        union {
-            char buf[CMSG_SPACE(sizeof(int))];
-            struct cmsghdr align;
-        } control;
+        udp_gro_control control;
         struct iovec iov = {rp->buf, READ_BYTES};
         struct msghdr msg = {.msg_name = &from, .msg_namelen = sizeof from, .msg_iov = &iov,
                              .msg_iovlen = 1, .msg_control = control.buf,
@@ -552,13 +525,7 @@ RelayPath_drain(RelayPathObject *rp, PyObject *args, PyObject *kwargs)
                 return PyErr_SetFromErrno(PyExc_OSError);
             continue; /* e.g. ECONNREFUSED from an earlier send: nothing was read */
         }
-        size_t size = (size_t)n, segment = 0;
-        for (struct cmsghdr *cm = CMSG_FIRSTHDR(&msg); cm != NULL; cm = CMSG_NXTHDR(&msg, cm))
-            if (cm->cmsg_level == SOL_UDP && cm->cmsg_type == UDP_GRO) {
-                int gro;
-                memcpy(&gro, CMSG_DATA(cm), sizeof gro);
-                segment = gro > 0 ? (size_t)gro : 0;
-            }
+        size_t size = (size_t)n, segment = (size_t)udp_gro_segment(&msg);
         if (segment >= size)
             segment = 0;
         /* Socket counters count every read; the core's (coalesced_reads...) only those
